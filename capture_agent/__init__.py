@@ -1,0 +1,1 @@
+"""Skyferry capture_agent component."""

@@ -1,0 +1,1 @@
+"""Skyferry deploy_agent component."""

@@ -1,0 +1,1 @@
+"""Skyferry manager component."""

@@ -1,0 +1,1 @@
+"""Skyferry migrater component."""

@@ -1,0 +1,1 @@
+"""Skyferry vna_agent component."""

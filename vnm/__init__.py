@@ -1,0 +1,1 @@
+"""Skyferry vnm component."""
