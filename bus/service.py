@@ -120,6 +120,19 @@ class BusService:
 
         return register
 
+    def add_command_spec(
+        self,
+        verb: str,
+        request: type[BaseModel],
+        response: type[BaseModel],
+        handler: Handler,
+        description: str = "",
+        *,
+        public: bool = False,
+    ) -> None:
+        """Register ``handler(ctx, request) -> response`` for ``verb`` (non-decorator form)."""
+        self.add(CommandSpec(verb, request, response, handler, description, public))
+
     def add(self, spec: CommandSpec[Any, Any]) -> None:
         subjects.token(spec.verb)
         if spec.verb in self._commands:

@@ -33,8 +33,8 @@ __all__ = [
     "AccessControlEntry",
     "AccessControls",
     "Cidr",
-    "CronSchedule",
     "Credentials",
+    "CronSchedule",
     "Description",
     "Id",
     "IpAddress",
@@ -51,6 +51,7 @@ __all__ = [
     "Uri",
     "VlanId",
     "find_duplicates",
+    "in_declaration_order",
     "require_unique",
 ]
 
@@ -223,9 +224,9 @@ class Right(StrEnum):
     CONTROL = "control"
 
 
-def _in_declaration_order(values: Set[StrEnum]) -> list[StrEnum]:
-    # Sets have no stable order across processes; exports must be byte-stable.
-    return sorted(values, key=lambda member: list(type(member)).index(member))
+def in_declaration_order(values: Set[StrEnum]) -> list[StrEnum]:
+    """Enum members sorted as declared: sets have no stable order, exports must be byte-stable."""
+    return sorted(values, key=lambda member: list(type(member).__members__.values()).index(member))
 
 
 PRINCIPAL_PATTERN = r"^(?:(?:user|group):[A-Za-z0-9][A-Za-z0-9_-]{0,63}|\*)$"
@@ -238,7 +239,7 @@ class AccessControlEntry(Record):
     rights: Annotated[
         set[Right],
         Field(min_length=1),
-        PlainSerializer(_in_declaration_order, return_type=list[Right], when_used="json"),
+        PlainSerializer(in_declaration_order, return_type=list[Right], when_used="json"),
     ]
 
 

@@ -170,9 +170,7 @@ class NetworkDomain(Record):
     def _check_unique(self) -> Self:
         require_unique((vna.id for vna in self.vnas), f"VNA id in domain {self.id!r}")
         require_unique((rd.id for rd in self.resource_domains), f"resource domain id in domain {self.id!r}")
-        require_unique(
-            (rd.name for rd in self.resource_domains), f"resource domain name in domain {self.id!r}"
-        )
+        require_unique((rd.name for rd in self.resource_domains), f"resource domain name in domain {self.id!r}")
         require_unique(
             (lon.overlay_id for lon in self.local_overlay_networks),
             f"local overlay network for overlay in domain {self.id!r}",
@@ -225,4 +223,3 @@ class NetworkMap(Record):
             if domain.id == domain_id:
                 return domain
         raise KeyError(domain_id)
-
