@@ -40,6 +40,11 @@ def is_admin(user: UserAccount) -> bool:
     return Authorisation.ADMIN in user.authorisations and not user.disabled
 
 
+def may_see(user: UserAccount, acl: Sequence[AccessControlEntry]) -> bool:
+    """Whether a listing shows a record to this user (admins see everything)."""
+    return is_admin(user) or (not user.disabled and acl_allows(user, acl, Right.READ))
+
+
 def authorise(
     user: UserAccount,
     needed: Authorisation,

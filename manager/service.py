@@ -36,7 +36,7 @@ from bus.models import ApplicationMap, NetworkDomain, NetworkMap, OverlayNetwork
 from bus.models.common import AccessControlEntry, Right
 from bus.models.users import Authorisation
 from bus.service import BusService, CommandContext
-from manager.access import acl_allows, authorise
+from manager.access import authorise, may_see
 from manager.auth import KvNonceStore, SignatureAuthenticator
 from manager.domain import decide_create, decide_delete, decide_set_state, decide_update, find_child, key_of
 from manager.store.repository import Decision, Loaded, Repository
@@ -130,7 +130,7 @@ class ManagerService:
             msg_id=ctx.envelope.msg_id,
             correlation_id=ctx.envelope.correlation_id,
         )
-        ctx.log.info("record_written", kind=kind.name, id=key, event=written.event_type, position=written.position)
+        ctx.log.info("record_written", kind=kind.name, id=key, event_type=written.event_type, position=written.position)
         return WriteResult(
             kind=kind.name,
             aggregate=kind.aggregate.value,
@@ -210,7 +210,7 @@ class ManagerService:
                 raise NotFound(f"{ROOT_KIND[kind.aggregate].name} {req.parent_id!r} does not exist")
         items = []
         for root in roots:
-            if user is not None and not acl_allows(user, acl_of(root.aggregate, root.state), Right.READ):
+            if user is not None and not may_see(user, acl_of(root.aggregate, root.state)):
                 continue
             records = (
                 [self._record_of(kind, root.state, None)]
@@ -358,8 +358,8 @@ class ManagerService:
         overlays = [r.state for r in self.repo.cached(Aggregate.OVERLAY)]
         domains = [r.state for r in self.repo.cached(Aggregate.DOMAIN)]
         if user is not None:
-            overlays = [o for o in overlays if acl_allows(user, acl_of(Aggregate.OVERLAY, o), Right.READ)]
-            domains = [d for d in domains if acl_allows(user, acl_of(Aggregate.DOMAIN, d), Right.READ)]
+            overlays = [o for o in overlays if may_see(user, acl_of(Aggregate.OVERLAY, o))]
+            domains = [d for d in domains if may_see(user, acl_of(Aggregate.DOMAIN, d))]
         nm = NetworkMap.model_validate(
             {
                 "overlays": [o.model_dump(mode="json") for o in overlays if isinstance(o, OverlayNetwork)],

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from bus.errors import ConcurrencyConflict
+from bus.errors import BusError, ConcurrencyConflict
 from bus.kinds import Aggregate
 from manager.domain import apply_event
 from manager.store.recorder import EventRecorder, NewEvent, StoredEvent
@@ -58,9 +58,10 @@ def fold(aggregate: Aggregate, agg_id: str, events: list[StoredEvent]) -> Loaded
 class Repository:
     """Loads, caches and writes aggregate roots."""
 
-    def __init__(self, recorder: EventRecorder, *, max_retries: int = 5) -> None:
+    def __init__(self, recorder: EventRecorder, *, max_retries: int = 5, append_retry_s: float = 15.0) -> None:
         self.recorder = recorder
         self.max_retries = max_retries
+        self.append_retry_s = append_retry_s
         self._cache: dict[tuple[Aggregate, str], Loaded] = {}
         self._position = 0
         self._locks: dict[tuple[Aggregate, str], asyncio.Lock] = {}
@@ -122,6 +123,21 @@ class Repository:
                 self._cache[(aggregate, agg_id)] = loaded
         return loaded
 
+    async def _append_with_retry(self, aggregate: Aggregate, agg_id: str, event: NewEvent, expected: int) -> int:
+        # A lost ack (server restart, failover) leaves the outcome unknown; the same
+        # Nats-Msg-Id makes the retry safe, so keep trying for a bounded time.
+        delay = 0.1
+        deadline = asyncio.get_running_loop().time() + self.append_retry_s
+        while True:
+            try:
+                return await self.recorder.append(aggregate.value, agg_id, event, expected=expected)
+            except BusError as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                log.warning("append_retry", aggregate=aggregate.value, id=agg_id, error=str(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def write(
         self,
         aggregate: Aggregate,
@@ -156,7 +172,7 @@ class Repository:
                     ev_type, data, actor=actor, msg_id=msg_id, correlation_id=correlation_id, causation_id=msg_id
                 )
                 try:
-                    pos = await self.recorder.append(aggregate.value, agg_id, event, expected=cur.version)
+                    pos = await self._append_with_retry(aggregate, agg_id, event, cur.version)
                 except ConcurrencyConflict:
                     if expected_version is not None:
                         raise

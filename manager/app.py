@@ -1,0 +1,119 @@
+"""The manager process: repository, stream follower, command service, heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from bus.connection import Bus, BusConfig, ensure_streams
+from bus.envelope import new_id
+from bus.kinds import KINDS, Aggregate
+from bus.messages import all_event_models, event_type
+from bus.models import UserAccount
+from bus.models.users import Authorisation
+from bus.schema_doc import build_document
+from manager.follower import StreamFollower
+from manager.heartbeat import run_heartbeat
+from manager.service import SERVICE, ManagerService
+from manager.store.recorder import JetStreamRecorder
+from manager.store.repository import Loaded, Repository
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ManagerConfig:
+    """What the manager needs to run."""
+
+    bus: BusConfig
+    admin_id: str = "admin"
+    admin_public_key: str | None = None
+    """Public nkey of the first administrator; created when the store has no users."""
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    require_signatures: bool = True
+    heartbeat_s: float = 5.0
+
+
+class ManagerApp:
+    """Runs the manager until stopped; use ``async with``."""
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        self.bus: Bus | None = None
+        self.repo: Repository | None = None
+        self.service: ManagerService | None = None
+        self._follower: StreamFollower | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.bus = await Bus.connect(self.config.bus)
+        await ensure_streams(self.bus)
+        self.repo = Repository(JetStreamRecorder(self.bus))
+        n = await self.repo.warm()
+        self._follower = StreamFollower(self.bus, self.repo)
+        await self._follower.start()
+        await self._bootstrap_admin()
+        self.service = ManagerService(self.bus, self.repo, require_signatures=self.config.require_signatures)
+        svc = self.service
+        svc.schema_provider = lambda: build_document([s for s in [svc.service] if s], all_event_models())
+        await self.service.start()
+        self._heartbeat = asyncio.create_task(
+            run_heartbeat(
+                self.bus, SERVICE, self.config.instance, interval_s=self.config.heartbeat_s, details=self._details
+            )
+        )
+        log.info("manager_started", instance=self.config.instance, events_folded=n)
+
+    def _details(self) -> dict[str, Any]:
+        assert self.repo is not None
+        return {"position": self.repo.position}
+
+    async def _bootstrap_admin(self) -> None:
+        assert self.repo is not None
+        if self.config.admin_public_key is None or self.repo.cached(Aggregate.USER):
+            return
+        admin = UserAccount(
+            id=self.config.admin_id,
+            display_name="Administrator",
+            public_key=self.config.admin_public_key,
+            authorisations={Authorisation.ADMIN},
+        )
+
+        def decide(cur: Loaded) -> tuple[str, dict[str, Any]]:
+            return event_type(KINDS["user"].name, "created"), {"record": admin.model_dump(mode="json")}
+
+        with contextlib.suppress(Exception):  # another instance may have bootstrapped first
+            await self.repo.write(
+                Aggregate.USER,
+                admin.id,
+                decide,
+                expected_version=0,
+                actor="system",
+                msg_id=f"bootstrap-{admin.id}-{new_id()}",
+            )
+            log.info("admin_bootstrapped", user=admin.id)
+
+    async def stop(self) -> None:
+        if self._heartbeat:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self.service:
+            await self.service.stop()
+        if self._follower:
+            await self._follower.stop()
+        if self.bus:
+            await self.bus.close()
+        log.info("manager_stopped", instance=self.config.instance)
+
+    async def __aenter__(self) -> ManagerApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
