@@ -80,18 +80,24 @@ class MapValidationError(ModelError):
 
 
 def detect_format(filename_or_text: str | os.PathLike[str]) -> MapFormat:
-    """The format of a file name (by extension) or of map text (by its first character)."""
+    """The format of a file name (by extension) or of map text (by its first character).
+
+    A one-line string ending in .yaml/.yml/.json/.xml is taken as a file name.
+    """
     if isinstance(filename_or_text, os.PathLike):
         suffix = os.path.splitext(os.fspath(filename_or_text))[1].lower()
         if suffix not in _EXTENSIONS:
             raise MapFormatError(f"cannot tell the map format of {os.fspath(filename_or_text)!r}")
         return _EXTENSIONS[suffix]
-    text = filename_or_text.strip()
-    if "\n" not in text:
-        suffix = os.path.splitext(text)[1].lower()
-        if suffix in _EXTENSIONS:
-            return _EXTENSIONS[suffix]
-    text = text.lstrip("\ufeff")
+    text = filename_or_text.lstrip("\ufeff").strip()
+    suffix = os.path.splitext(text)[1].lower()
+    if "\n" not in text and suffix in _EXTENSIONS:
+        return _EXTENSIONS[suffix]
+    return _sniff(text)
+
+
+def _sniff(text: str) -> MapFormat:
+    text = text.lstrip("\ufeff \t\r\n")
     if text.startswith("<"):
         return "xml"
     if text.startswith(("{", "[")):
@@ -140,7 +146,7 @@ def load_map(text: str, model: type[M], fmt: MapFormat | None = None) -> M:
     """Import a map of the given model type."""
     if not text.strip():
         raise MapFormatError("the map text is empty")
-    fmt = fmt or detect_format(text)
+    fmt = fmt or _sniff(text)
     what = ROOT_ELEMENTS[model]
     if fmt == "json":
         data = _parse_json(text)
@@ -194,7 +200,8 @@ class _Loader(yaml.SafeLoader):
 
 
 # YAML 1.1 reads 52:54:00:00:01:0a as a base-60 integer and "no"/"off" as false; maps are hand-written,
-# so only the YAML 1.2 core forms of booleans and numbers are resolved, everything else stays a string.
+# so only plain forms of booleans and numbers are resolved and everything else stays a string. These forms
+# are a subset of YAML 1.1's, so the SafeDumper still quotes every string that either reading would change.
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -207,10 +214,7 @@ _Loader.add_implicit_resolver(
 )
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."),
 )
 

@@ -26,6 +26,7 @@ from bus.models.application import (
 )
 from bus.models.common import (
     ALLOWED_URI_SCHEMES,
+    ID_PATTERN,
     SECRET_MASK,
     AccessControlEntry,
     AccessControls,
@@ -67,6 +68,7 @@ from bus.models.users import Authorisation, NkeyUserPublicKey, UserAccount, User
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "ALLOWED_URI_SCHEMES",
+    "ID_PATTERN",
     "SECRET_MASK",
     "VNA",
     "AccessControlEntry",

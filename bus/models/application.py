@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Annotated, Any, Self
 
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
@@ -77,34 +78,36 @@ _S = ApplicationState
 
 # The reference describes each state and says the allowed transitions are "shown in" a figure that is
 # not part of its text, so each edge below is derived from the prose it cites.
-ALLOWED_TRANSITIONS: Mapping[ApplicationState, frozenset[ApplicationState]] = {
-    # The mapper discovers applications "currently running"; their servers may also be found powered off.
-    _S.DISCOVERING: frozenset({_S.RUNNING, _S.OFF}),
-    # "deploying a new copy of an application from the template"; a template can be deleted.
-    _S.TEMPLATE: frozenset({_S.DEPLOYING, _S.DELETING}),
-    # Deployed resources are "provisioned but not running" (off) or rebooted onto the image at once
-    # (booting); a failed deploy is rolled back by deleting what was provisioned.
-    _S.DEPLOYING: frozenset({_S.OFF, _S.BOOTING, _S.DELETING}),
-    # Off resources can be brought on line, captured offline, or terminated.
-    _S.OFF: frozenset({_S.BOOTING, _S.CAPTURING, _S.DELETING}),
-    # Booting ends on the alternate (fence) overlays when fencing, else on the production overlays.
-    _S.BOOTING: frozenset({_S.FENCED, _S.RUNNING, _S.SHUTTING_DOWN}),
-    # Cutover "switch[es] the servers from the fenced to the production overlay networks".
-    _S.FENCED: frozenset({_S.RUNNING, _S.SHUTTING_DOWN}),
-    # Running: scale node pools, capture images (migration, DR, template), stream images directly to
-    # new resources ("migrating ... directly from a running application"), be fenced at cutover
-    # ("switch the servers onto alternate overlay networks"), or power off.
-    _S.RUNNING: frozenset({_S.SCALING, _S.CAPTURING, _S.DEPLOYING, _S.FENCED, _S.SHUTTING_DOWN}),
-    # Scaling changes the number of running copies and returns to running.
-    _S.SCALING: frozenset({_S.RUNNING}),
-    # After a capture the application returns to where it was (running or off), goes on to deploy the
-    # captured images (migration), or the map is "converted to a template".
-    _S.CAPTURING: frozenset({_S.RUNNING, _S.OFF, _S.DEPLOYING, _S.TEMPLATE}),
-    # "powering off the application resources" ends with everything off.
-    _S.SHUTTING_DOWN: frozenset({_S.OFF}),
-    # "terminating all resources": the map is removed afterwards, so nothing follows.
-    _S.DELETING: frozenset(),
-}
+ALLOWED_TRANSITIONS: Mapping[ApplicationState, frozenset[ApplicationState]] = MappingProxyType(
+    {
+        # The mapper discovers applications "currently running"; their servers may also be found powered off.
+        _S.DISCOVERING: frozenset({_S.RUNNING, _S.OFF}),
+        # "deploying a new copy of an application from the template"; a template can be deleted.
+        _S.TEMPLATE: frozenset({_S.DEPLOYING, _S.DELETING}),
+        # Deployed resources are "provisioned but not running" (off) or rebooted onto the image at once
+        # (booting); a failed deploy is rolled back by deleting what was provisioned.
+        _S.DEPLOYING: frozenset({_S.OFF, _S.BOOTING, _S.DELETING}),
+        # Off resources can be brought on line, captured offline, or terminated.
+        _S.OFF: frozenset({_S.BOOTING, _S.CAPTURING, _S.DELETING}),
+        # Booting ends on the alternate (fence) overlays when fencing, else on the production overlays.
+        _S.BOOTING: frozenset({_S.FENCED, _S.RUNNING, _S.SHUTTING_DOWN}),
+        # Cutover "switch[es] the servers from the fenced to the production overlay networks".
+        _S.FENCED: frozenset({_S.RUNNING, _S.SHUTTING_DOWN}),
+        # Running: scale node pools, capture images (migration, DR, template), stream images directly to
+        # new resources ("migrating ... directly from a running application"), be fenced at cutover
+        # ("switch the servers onto alternate overlay networks"), or power off.
+        _S.RUNNING: frozenset({_S.SCALING, _S.CAPTURING, _S.DEPLOYING, _S.FENCED, _S.SHUTTING_DOWN}),
+        # Scaling changes the number of running copies and returns to running.
+        _S.SCALING: frozenset({_S.RUNNING}),
+        # After a capture the application returns to where it was (running or off), goes on to deploy the
+        # captured images (migration), or the map is "converted to a template".
+        _S.CAPTURING: frozenset({_S.RUNNING, _S.OFF, _S.DEPLOYING, _S.TEMPLATE}),
+        # "powering off the application resources" ends with everything off.
+        _S.SHUTTING_DOWN: frozenset({_S.OFF}),
+        # "terminating all resources": the map is removed afterwards, so nothing follows.
+        _S.DELETING: frozenset(),
+    }
+)
 
 
 class InvalidTransition(ModelError):
@@ -455,6 +458,8 @@ class ApplicationMap(Record):
         for pool in self.node_pools:
             if pool.prime_node not in nodes:
                 problems.append(f"node pool {pool.id} -> prime node {pool.prime_node}")
+            if pool.source_image is not None and pool.source_image not in images:
+                problems.append(f"node pool {pool.id} -> image {pool.source_image}")
             problems += [
                 f"node pool {pool.id} interface {i.name} -> network {i.application_network}"
                 for i in pool.interfaces

@@ -662,6 +662,7 @@ def break_map(path: str, value: Any) -> dict[str, Any]:
         ("databases", [{"id": "db", "node_id": "app"}] * 2, "duplicate database id"),
         ("node_pools.0.prime_node", "ghost", "prime node ghost"),
         ("nodes.0.node_pool_id", "ghost", "node pool ghost"),
+        ("node_pools.0.source_image", "ghost", "node pool pool -> image ghost"),
         ("nodes.0.server_id", "ghost", "server ghost"),
         ("databases.0.node_id", "ghost", "node ghost"),
         ("nodes.0.interfaces.0.application_network", "ghost", "network ghost"),

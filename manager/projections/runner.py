@@ -1,0 +1,245 @@
+"""Keeps a :class:`Projector` current: a durable JetStream pull consumer on ``SF_EVENTS``.
+
+Batches are fetched (up to ``batch_size``, short timeout so lag stays low),
+applied in one transaction, and only then acknowledged. A crash between
+commit and ack causes a redelivery that the projector's position check skips.
+
+The consumer is durable on a file-backed stream, so it survives a NATS server
+restart; the client reconnects and the runner carries on. When the consumer
+and the stored position disagree (a rebuild, a new database, unacked messages
+after a crash) it is recreated to start at ``position + 1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+
+from bus.connection import Bus
+from bus.errors import BusError, BusUnavailable
+from bus.subjects import EVENTS_ALL, EVENTS_STREAM
+from manager.projections.errors import ProjectionError, ProjectionGap
+from manager.projections.projector import Incoming, Projector
+from manager.projections.stream import decode_message
+from manager.store.recorder import StoredEvent
+
+log = structlog.get_logger(__name__)
+
+# Failures the runner outlives: the bus or the database going away, a refused batch.
+_RETRYABLE = (nats.errors.Error, BusError, ProjectionError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """One batch the runner committed (passed to ``on_commit`` hooks)."""
+
+    first: int
+    last: int
+    count: int
+    """Events newly projected (redeliveries excluded)."""
+    errors: int
+    committed_at: dt.datetime
+    lags: tuple[float, ...]
+    """Per new event: seconds from its timestamp header to the commit."""
+
+
+CommitHook = Callable[[Committed], None]
+
+
+def _aware(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
+class ProjectionRunner:
+    """Follows ``SF_EVENTS`` into a projector. Run :meth:`run` in a TaskGroup; :meth:`stop` ends it.
+
+    Args:
+        bus: a connected bus (its client reconnects on its own).
+        projector: the read model to keep current.
+        durable_name: the JetStream consumer's name; one runner per name.
+        batch_size: most events per fetch and per transaction.
+        fetch_timeout: longest wait for a new event (also how quickly :meth:`stop` is noticed).
+        on_commit: called after each committed batch (e.g. to measure projection lag).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        projector: Projector,
+        durable_name: str = "sf-projector",
+        *,
+        stream: str = EVENTS_STREAM,
+        batch_size: int = 256,
+        fetch_timeout: float = 0.5,
+        max_ack_pending: int = 20_000,
+        ack_wait: float = 30.0,
+        max_backoff: float = 5.0,
+        on_commit: CommitHook | None = None,
+    ) -> None:
+        self.bus = bus
+        self.projector = projector
+        self.durable_name = durable_name
+        self.stream = stream
+        self.batch_size = batch_size
+        self.fetch_timeout = fetch_timeout
+        self.max_ack_pending = max_ack_pending
+        self.ack_wait = ack_wait
+        self.max_backoff = max_backoff
+        self.hooks: list[CommitHook] = [on_commit] if on_commit else []
+        self.position = 0
+        """Last position committed (as far as this runner knows)."""
+        self.started = asyncio.Event()
+        """Set once the consumer is in place and fetching."""
+        self._stop = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._recreate = False
+        self._allow_gap = False
+        self._log = log.bind(durable=durable_name, stream=stream, projection=projector.name)
+
+    # --- life cycle ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Project until :meth:`stop`; outlives bus and database outages.
+
+        Raises:
+            BusUnavailable: the bus connection was closed for good.
+        """
+        backoff = 0.1
+        while not self._stop.is_set():
+            if self.bus.nc.is_closed:
+                raise BusUnavailable("bus connection closed; projection runner stops")
+            try:
+                await self._session()
+                backoff = 0.1
+            except _RETRYABLE as exc:
+                self._recreate = self._recreate or isinstance(exc, ProjectionGap)
+                self._log.warning("projection_runner_retry", error=str(exc) or repr(exc), backoff_s=backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+        self._log.info("projection_runner_stopped", position=self.position)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in hand (at most ``fetch_timeout`` idle)."""
+        self._stop.set()
+
+    async def lag(self) -> int:
+        """Events in the stream not yet projected: stream last sequence - projected position."""
+        info = await self.bus.js.stream_info(self.stream)
+        return max(0, int(info.state.last_seq) - self.position)
+
+    async def wait_for(self, position: int, timeout: float = 10.0) -> None:
+        """Wait until ``position`` is projected.
+
+        Raises:
+            TimeoutError: not reached within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout), self._progress:
+            await self._progress.wait_for(lambda: self.position >= position)
+
+    # --- one connected session ----------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        await self.projector.create_schema()
+        self.position = await self.projector.position()
+        sub = await self._ensure_consumer(self.position)
+        self.started.set()
+        try:
+            while not self._stop.is_set():
+                try:
+                    msgs = await sub.fetch(self.batch_size, timeout=self.fetch_timeout)
+                except nats.errors.TimeoutError:
+                    continue
+                await self._handle(msgs)
+        finally:
+            with contextlib.suppress(Exception):  # best effort: the connection may be down
+                await sub.unsubscribe()
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        events = [decode_message(m) for m in msgs]
+        before = self.position
+        try:
+            res = await self.projector.apply(events, allow_gap=self._allow_gap)
+        except ProjectionError:
+            for m in msgs:  # hand them back at once rather than after ack_wait
+                with contextlib.suppress(Exception):
+                    await m.nak()
+            raise
+        self._allow_gap = False
+        for m in msgs:  # after the commit: a lost ack only causes a redelivery, which is skipped
+            await m.ack()
+        fresh = [e for e in events if e.position > before]
+        await self._committed(fresh, res.errors, res.committed_at, res.position)
+
+    async def _committed(self, fresh: list[Incoming], errors: int, at: dt.datetime, position: int) -> None:
+        async with self._progress:
+            self.position = max(self.position, position)
+            self._progress.notify_all()
+        if not fresh or not self.hooks:
+            return
+        lags = tuple((at - _aware(e.timestamp)).total_seconds() for e in fresh if isinstance(e, StoredEvent))
+        info = Committed(fresh[0].position, fresh[-1].position, len(fresh), errors, at, lags)
+        for hook in self.hooks:
+            try:
+                hook(info)
+            except Exception as exc:  # a broken metrics hook must never stop the projection
+                self._log.warning("projection_hook_failed", error=repr(exc))
+
+    # --- the durable consumer -----------------------------------------------------------------------
+
+    async def _ensure_consumer(self, position: int) -> JetStreamContext.PullSubscription:
+        """Bind to the durable consumer, (re)creating it at ``position + 1`` unless it agrees."""
+        js = self.bus.js
+        try:
+            info: ConsumerInfo | None = await js.consumer_info(self.stream, self.durable_name)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is None or self._recreate or not self._agrees(info, position):
+            await self._recreate_consumer(info is not None, position)
+        return await js.pull_subscribe_bind(durable=self.durable_name, stream=self.stream)
+
+    def _agrees(self, info: ConsumerInfo, position: int) -> bool:
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        pending = info.num_ack_pending or 0
+        same = info.config.filter_subject == EVENTS_ALL and floor == position and pending == 0
+        if not same:
+            self._log.info("projection_consumer_disagrees", ack_floor=floor, ack_pending=pending, position=position)
+        return same
+
+    async def _recreate_consumer(self, exists: bool, position: int) -> None:
+        js = self.bus.js
+        if exists:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_consumer(self.stream, self.durable_name)
+        state = (await js.stream_info(self.stream)).state
+        if int(state.last_seq) < position:
+            self._log.error("projection_ahead_of_stream", position=position, last_seq=state.last_seq)
+        elif int(state.first_seq) > position + 1 and int(state.messages) > 0:
+            self._log.warning("projection_events_gone", position=position, first_seq=state.first_seq)
+        await js.add_consumer(
+            self.stream,
+            ConsumerConfig(
+                durable_name=self.durable_name,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=position + 1,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_ack_pending=self.max_ack_pending,
+                max_deliver=-1,
+                filter_subject=EVENTS_ALL,
+            ),
+        )
+        # The consumer starts exactly at position + 1: anything it skips is missing from the stream.
+        self._allow_gap = True
+        self._recreate = False
+        self._log.info("projection_consumer_created", start_seq=position + 1)

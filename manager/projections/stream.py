@@ -1,0 +1,81 @@
+"""Reading ``SF_EVENTS`` for the projections, tolerant of messages that do not decode.
+
+The recorders raise on a malformed message; a projection must instead record
+it and move on, so every message becomes either a :class:`StoredEvent` or an
+:class:`UndecodableEvent` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from bus import subjects
+from bus.connection import Bus
+from bus.errors import SkyferryError
+from bus.subjects import EVENTS_ALL, EVENTS_STREAM
+from manager.projections.projector import Incoming, UndecodableEvent
+from manager.store.recorder import stored_from_message
+
+log = structlog.get_logger(__name__)
+
+
+def decode_message(msg: Msg) -> Incoming:
+    """A JetStream message of ``SF_EVENTS`` as a stored event, or as undecodable (never raises)."""
+    seq = int(msg.metadata.sequence.stream)
+    try:
+        agg_type, agg_id = subjects.parse_event_subject(msg.subject)
+        subjects.token(agg_type)
+        subjects.token(agg_id)
+        return stored_from_message(msg.subject, seq, msg.headers, msg.data)
+    except (ValueError, SkyferryError) as exc:  # bad subject, timestamp, content type or payload
+        return UndecodableEvent(position=seq, subject=msg.subject, error=str(exc))
+
+
+class StreamReader:
+    """Replays ``SF_EVENTS`` in order for :meth:`Projector.rebuild`, keeping undecodable messages."""
+
+    def __init__(self, bus: Bus, *, stream: str = EVENTS_STREAM, batch: int = 512, timeout: float = 5.0) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.batch = batch
+        self.timeout = timeout
+
+    async def read_all(self, after: int = 0) -> AsyncIterator[Incoming]:
+        """Every message after ``after`` up to the stream's end when called."""
+        end = int((await self.bus.js.stream_info(self.stream)).state.last_seq)
+        if end <= after:
+            return
+        sub = await self.bus.js.pull_subscribe(
+            EVENTS_ALL,
+            stream=self.stream,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=after + 1,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=30.0,
+                mem_storage=True,
+            ),
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=self.timeout)
+                except nats.errors.TimeoutError:
+                    return
+                for m in msgs:
+                    ev = decode_message(m)
+                    if ev.position > end:
+                        return
+                    yield ev
+                    if ev.position >= end:
+                        return
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the ephemeral consumer may be gone after a reconnect
+                log.debug("stream_reader_cleanup_failed")
