@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats.errors
+from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
 from bus import codec, signing, subjects
@@ -23,6 +25,8 @@ from bus.service import schema_name
 from bus.subjects import ContentType, Header
 
 Resp = TypeVar("Resp", bound=BaseModel)
+
+NO_RESPONDER_RETRIES = (0.05, 0.15)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ async def request_raw(
     if identity and identity.seed:
         env = signing.sign(identity.seed, subject, env, body)
     try:
-        msg = await bus.nc.request(subject, body, timeout=timeout, headers=env.to_headers())
+        msg = await _request(bus, subject, body, env.to_headers(), timeout)
     except nats.errors.NoRespondersError as exc:
         raise NoResponders(f"no participant serves {subject}", details={"subject": subject}) from exc
     except nats.errors.TimeoutError as exc:
@@ -71,6 +75,17 @@ async def request_raw(
         except ValidationError as exc:
             raise CodecError(f"unreadable error reply from {subject}") from exc
     return reply_env, data
+
+
+async def _request(bus: Bus, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> Msg:
+    # nats-server can briefly answer "no responders" for a subscription made a moment ago
+    # (seen right after JetStream is first enabled on an account), so look twice before giving up.
+    for delay in NO_RESPONDER_RETRIES:
+        try:
+            return await bus.nc.request(subject, body, timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            await asyncio.sleep(delay)
+    return await bus.nc.request(subject, body, timeout=timeout, headers=headers)
 
 
 async def call(

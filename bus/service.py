@@ -168,6 +168,8 @@ class BusService:
             )
         # A second queue group so exactly one instance answers verbs nobody serves.
         self._catch_all = await self.bus.nc.subscribe(f"{self.prefix}.>", queue="sf-unknown", cb=self._on_unknown)
+        # Make sure the server has every subscription before anyone is told we are up.
+        await self.bus.nc.flush()
         log.info("service_started", service=self.name, commands=sorted(self._commands))
 
     async def stop(self) -> None:

@@ -33,7 +33,7 @@ from bus.messages import (
     event_type,
 )
 from bus.models import ApplicationMap, NetworkDomain, NetworkMap, OverlayNetwork, UserAccount
-from bus.models.common import AccessControlEntry, Right
+from bus.models.common import AccessControlEntry, Credentials, Right
 from bus.models.users import Authorisation
 from bus.service import BusService, CommandContext
 from manager.access import authorise, may_see
@@ -237,6 +237,7 @@ class ManagerService:
         return {r.id for r in self.repo.cached(Aggregate.OVERLAY)}
 
     def _check_references(self, kind: RecordKind, record: BaseModel) -> None:
+        refuse_plain_secrets(record)
         overlays = self._overlay_ids()
         if kind.name == "local_overlay" and str(record.overlay_id) not in overlays:  # type: ignore[attr-defined]
             raise ValidationFailed(f"overlay {record.overlay_id!r} does not exist")  # type: ignore[attr-defined]
@@ -275,6 +276,7 @@ class ManagerService:
         kind = KINDS["app"]
         if ctx.principal is not None:
             authorise(ctx.principal, Authorisation.APPLICATION_WRITE, what=f"app {app_id}")
+        refuse_plain_secrets(req.map)
         for net in req.map.networks:
             self._check_references(KINDS["app_network"], net)
 
@@ -306,6 +308,7 @@ class ManagerService:
         return await self._write(ctx, kind, str(req.id), decide, req.expected_version, str(req.id))
 
     async def _netmap_import(self, ctx: CommandContext, req: NetMapImport) -> NetMapImportResult:
+        refuse_plain_secrets(req.map)
         if ctx.principal is not None:
             authorise(ctx.principal, Authorisation.NETWORK_WRITE, what="network map")
         written: list[WriteResult] = []
@@ -383,6 +386,30 @@ class ManagerService:
         if self.schema_provider is None:
             raise NotFound("schema document not available")
         return SchemaDocument(document=self.schema_provider())
+
+
+def _walk_secrets(value: Any, path: str) -> list[str]:
+    if isinstance(value, Credentials):
+        return [path] if value.secret is not None else []
+    if isinstance(value, BaseModel):
+        return [p for name in type(value).model_fields for p in _walk_secrets(getattr(value, name), f"{path}.{name}")]
+    if isinstance(value, list | tuple):
+        return [p for i, v in enumerate(value) for p in _walk_secrets(v, f"{path}.{i}")]
+    return []
+
+
+def refuse_plain_secrets(record: BaseModel) -> None:
+    """Events are readable by every observer of the stream, so secrets never go into them.
+
+    Raises:
+        ValidationFailed: a ``Credentials.secret`` is set; use ``key_ref`` to point at a secret store.
+    """
+    found = _walk_secrets(record, "record")
+    if found:
+        raise ValidationFailed(
+            "plain secrets are not stored in maps; reference them with credentials.key_ref",
+            details={"errors": [{"loc": p.removeprefix("."), "msg": "secret not allowed"} for p in found]},
+        )
 
 
 def raise_exists(app_id: str) -> None:

@@ -9,6 +9,8 @@ import pytest
 from bus.connection import Bus, BusConfig, ensure_streams
 from bus.server import EmbeddedNatsServer
 
+pytest_plugins = ["tests.manager_fixtures"]
+
 
 @pytest.fixture
 async def nats_server() -> AsyncIterator[EmbeddedNatsServer]:

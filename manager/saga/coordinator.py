@@ -88,6 +88,8 @@ from manager.store.recorder import EventRecorder, NewEvent, StoredEvent
 log = structlog.get_logger(__name__)
 
 _MAX_CONFLICTS = 20
+_FULL_SCAN_S = 60.0
+"""How often the periodic scan re-reads saga events even without seeing saga activity."""
 
 
 def default_instance_id() -> str:
@@ -120,9 +122,12 @@ class _Index:
     """Every saga folded from ``read_all``, kept up to date incrementally (the list / scan read model)."""
 
     states: dict[str, SagaState] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)
+    """Sagas whose history does not fold; never resumed automatically."""
     position: int = 0
     dirty: bool = True
-    refreshed_at: float = 0.0
+    forced_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class SagaCoordinator:
@@ -173,6 +178,7 @@ class SagaCoordinator:
         self._slots = asyncio.Semaphore(max_sagas)
         self._append_retries = append_retries
         self._runs: dict[str, _Run] = {}
+        self._claimed: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._rerun: set[str] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -211,7 +217,7 @@ class SagaCoordinator:
 
     async def list_sagas(self) -> list[SagaState]:
         """Every known saga, oldest first (from an in-memory read model refreshed from the events)."""
-        await self._refresh_index(force=self.bus is None)
+        await self._refresh_index(force=self.bus is None, wait=False)
         return sorted(self._index.states.values(), key=lambda s: (s.created_at is None, s.created_at, s.saga_id))
 
     async def pause(self, saga_id: str, *, reason: str = "", actor: str | None = None) -> SagaState:
@@ -291,26 +297,30 @@ class SagaCoordinator:
             LeaseHeld: another coordinator (or another run here) drives it.
             LeaseLost: it was taken over while running.
         """
-        if saga_id in self._runs:
+        if saga_id in self._claimed:
             raise LeaseHeld(f"saga {saga_id} already runs here", details={"saga_id": saga_id})
-        state = await self.get(saga_id)
-        if state.is_terminal or state.paused:
-            return state
-        lease = await self._leases.acquire(saga_id, self.instance_id)
-        run = _Run(state=state, lease=lease)
-        self._runs[saga_id] = run
+        self._claimed.add(saga_id)  # before any await: two local runs of one saga must not race
         try:
-            run.state = await self.get(saga_id)  # it may have moved while we waited for the lease
-            self._log.info("saga_run", saga_id=saga_id, status=str(run.state.status), position=run.state.position)
-            async with asyncio.TaskGroup() as tg:
-                keeper = tg.create_task(self._keep_lease(run), name=f"saga-lease:{saga_id}")
-                driver = tg.create_task(self._drive(run), name=f"saga:{saga_id}")
-                driver.add_done_callback(lambda _t: keeper.cancel())
-        except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+            state = await self.get(saga_id)
+            if state.is_terminal or state.paused:
+                return state
+            lease = await self._leases.acquire(saga_id, self.instance_id)
+            run = _Run(state=state, lease=lease)
+            self._runs[saga_id] = run
+            try:
+                run.state = await self.get(saga_id)  # it may have moved while we waited for the lease
+                self._log.info("saga_run", saga_id=saga_id, status=str(run.state.status), position=run.state.position)
+                async with asyncio.TaskGroup() as tg:
+                    keeper = tg.create_task(self._keep_lease(run), name=f"saga-lease:{saga_id}")
+                    driver = tg.create_task(self._drive(run), name=f"saga:{saga_id}")
+                    driver.add_done_callback(lambda _t: keeper.cancel())
+            except BaseExceptionGroup as group:
+                raise _unwrap(group) from None
+            finally:
+                del self._runs[saga_id]
+                await self._leases.release(run.lease)
         finally:
-            del self._runs[saga_id]
-            await self._leases.release(run.lease)
+            self._claimed.discard(saga_id)
         self._log.info("saga_run_ended", saga_id=saga_id, status=str(run.state.status), position=run.state.position)
         return run.state
 
@@ -586,13 +596,13 @@ class SagaCoordinator:
 
     # -- many sagas ----------------------------------------------------------------------------
 
-    async def find_unfinished(self) -> list[str]:
+    async def find_unfinished(self, *, force: bool = True) -> list[str]:
         """Ids of sagas that are neither finished nor paused, from a scan of all saga events."""
-        await self._refresh_index(force=True)
+        await self._refresh_index(force=force)
         return sorted(
             sid
             for sid, st in self._index.states.items()
-            if st.plan is not None and not st.is_terminal and not st.paused
+            if st.plan is not None and not st.is_terminal and not st.paused and sid not in self._index.broken
         )
 
     async def resume_all(self) -> dict[str, SagaState]:
@@ -660,7 +670,8 @@ class SagaCoordinator:
     async def _scan_loop(self) -> None:
         while True:
             try:
-                for saga_id in await self.find_unfinished():
+                stale = time.monotonic() - self._index.forced_at > _FULL_SCAN_S
+                for saga_id in await self.find_unfinished(force=stale):
                     if saga_id not in self._runs:
                         self.submit(saga_id)
             except SkyferryError as exc:
@@ -702,26 +713,32 @@ class SagaCoordinator:
         if run is not None:
             run.poke()
 
-    async def _refresh_index(self, *, force: bool) -> None:
-        """Fold saga events recorded since the last refresh into the index.
+    async def _refresh_index(self, *, force: bool, wait: bool = True) -> None:
+        """Fold the saga events recorded since the last refresh into the index.
 
-        Without ``force`` it only reads when a saga event was seen (or a minute passed): a
-        filtered read of a stream with no matching new events waits for the recorder timeout.
+        Without ``force`` it reads only when the event subject showed saga activity: a filtered
+        read of a stream without new saga events waits for the recorder's fetch timeout. With
+        ``wait=False`` a refresh already under way is not waited for (the index is used as is).
         """
         idx = self._index
-        if not (force or idx.dirty or time.monotonic() - idx.refreshed_at > 60):
+        if not (force or idx.dirty) or (not wait and idx.lock.locked()):
             return
-        idx.dirty = False
-        idx.refreshed_at = time.monotonic()
-        async for ev in self.recorder.read_all(after=idx.position, aggregate_type=AGGREGATE):
-            state = idx.states.get(ev.aggregate_id)
-            if state is None:
-                state = idx.states[ev.aggregate_id] = SagaState(saga_id=ev.aggregate_id)
-            try:
-                state.apply(ev)
-            except SagaHistoryError as exc:
-                self._log.error("saga_history_unreadable", saga_id=ev.aggregate_id, error=str(exc))
-            idx.position = ev.position
+        async with idx.lock:
+            idx.dirty = False
+            if force:
+                idx.forced_at = time.monotonic()
+            async for ev in self.recorder.read_all(after=idx.position, aggregate_type=AGGREGATE):
+                idx.position = ev.position
+                if ev.aggregate_id in idx.broken:
+                    continue
+                state = idx.states.get(ev.aggregate_id)
+                if state is None:
+                    state = idx.states[ev.aggregate_id] = SagaState(saga_id=ev.aggregate_id)
+                try:
+                    state.apply(ev)
+                except SagaHistoryError as exc:
+                    idx.broken.add(ev.aggregate_id)
+                    self._log.error("saga_history_unreadable", saga_id=ev.aggregate_id, error=str(exc))
 
 
 def _forward_allowed(state: SagaState) -> bool:

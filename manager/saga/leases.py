@@ -152,8 +152,11 @@ class KvLeases:
                     self._kv = await self.bus.js.create_key_value(config)
                 except nats.js.errors.BadRequestError:
                     # Exists with another configuration (another TTL): use it as it is.
-                    self._kv = await self.bus.js.key_value(LEASE_BUCKET)
-                    log.warning("saga_lease_bucket_exists", bucket=LEASE_BUCKET, wanted_ttl_s=self.ttl_s)
+                    kv = await self.bus.js.key_value(LEASE_BUCKET)
+                    ttl = (await kv.status()).ttl
+                    log.warning("saga_lease_bucket_exists", bucket=LEASE_BUCKET, wanted_ttl_s=self.ttl_s, ttl_s=ttl)
+                    self.ttl_s = ttl or self.ttl_s
+                    self._kv = kv
             return self._kv
 
     @staticmethod
@@ -161,8 +164,8 @@ class KvLeases:
         return json.dumps({"holder": holder, "at": time.time()}).encode()
 
     async def acquire(self, saga_id: str, holder: str) -> Lease:
-        kv = await self.bucket()
         try:
+            kv = await self.bucket()
             for _ in range(3):
                 try:
                     rev = await kv.create(saga_id, self._value(holder))
@@ -190,8 +193,8 @@ class KvLeases:
         raise LeaseHeld(f"saga {saga_id}: lease contended", details={"saga_id": saga_id})
 
     async def renew(self, lease: Lease) -> Lease:
-        kv = await self.bucket()
         try:
+            kv = await self.bucket()
             rev = await kv.update(lease.saga_id, self._value(lease.holder), last=lease.revision)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise LeaseLost(
@@ -204,8 +207,8 @@ class KvLeases:
         return Lease(lease.saga_id, lease.holder, rev)
 
     async def release(self, lease: Lease) -> None:
-        kv = await self.bucket()
         try:
+            kv = await self.bucket()
             await kv.delete(lease.saga_id, last=lease.revision)
         except Exception as exc:  # expired or taken already, or the bus is going away: nothing to undo
             log.debug("saga_lease_release_failed", saga_id=lease.saga_id, error=repr(exc))

@@ -17,7 +17,7 @@ from bus.models import OverlayNetwork
 from bus.models.common import AccessControlEntry
 from bus.subjects import ContentType, Header
 from manager.app import ManagerApp
-from tests.manager.conftest import Client, MakeUser
+from tests.manager_fixtures import Client, MakeUser
 
 OV = MESSAGES["overlay"]
 SUBJECT = subjects.command("manager", "overlay_create")
@@ -179,3 +179,20 @@ async def test_json_commands_from_a_plain_nats_client(bus: Bus, manager: tuple[M
         content_type=ContentType.JSON,
     )
     assert env.content_type is ContentType.JSON and data["id"] == "js1"
+
+
+async def test_plain_secrets_are_refused_key_refs_kept(admin: Client, manager: tuple[ManagerApp, str]) -> None:
+    from bus.models import NetworkDomain
+
+    dom = MESSAGES["domain"]
+    await admin("domain_create", dom.create(record=NetworkDomain(id="dc1", name="dc")), WriteResult)
+    before = await _count_events(manager)
+    vna = {"id": "v1", "type": "vna", "state": "running", "credentials": {"username": "u", "secret": "hunter2"}}
+    with pytest.raises(ValidationFailed, match="key_ref") as exc:
+        await admin("vna_create", {"parent_id": "dc1", "record": vna}, WriteResult)
+    assert exc.value.details["errors"][0]["loc"] == "record.credentials"
+    assert await _count_events(manager) == before
+    vna["credentials"] = {"username": "u", "key_ref": "vault:dc1/v1"}
+    await admin("vna_create", {"parent_id": "dc1", "record": vna}, WriteResult)
+    got = await admin("vna_get", {"parent_id": "dc1", "id": "v1"}, MESSAGES["vna"].view)
+    assert got.record.credentials.key_ref == "vault:dc1/v1"

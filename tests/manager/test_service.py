@@ -25,7 +25,7 @@ from bus.messages import (
 )
 from bus.models import VNA, NetworkDomain, OverlayNetwork
 from bus.models.application import ApplicationState
-from tests.manager.conftest import Client
+from tests.manager_fixtures import Client
 
 SAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "samples"
 OV, DOM, VNA_K, APP = MESSAGES["overlay"], MESSAGES["domain"], MESSAGES["vna"], MESSAGES["app"]

@@ -52,8 +52,14 @@ async def test_stack_roles_and_restart(tmp_path: Path) -> None:
     try:
         admin_seed = (again.keys_dir / f"{ADMIN_ID}.nk").read_text().strip()
         cli = await Bus.connect(again.bus_config(Role.CLI, "cli"))
-        got = await command(cli, "manager", "overlay_get", MESSAGES["overlay"].get(id="ov1"), MESSAGES["overlay"].view,
-                            identity=Identity(ADMIN_ID, admin_seed))
+        got = await command(
+            cli,
+            "manager",
+            "overlay_get",
+            MESSAGES["overlay"].get(id="ov1"),
+            MESSAGES["overlay"].view,
+            identity=Identity(ADMIN_ID, admin_seed),
+        )
         assert got.record.name == "one"
         await cli.close()
     finally:

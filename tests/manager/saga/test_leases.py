@@ -82,3 +82,4 @@ class TestKvLeases(LeaseContract):
         # a coordinator configured differently uses the existing bucket
         other = KvLeases(bus, ttl_s=9.0)
         assert (await (await other.bucket()).status()).ttl == pytest.approx(2.0)
+        assert other.ttl_s == pytest.approx(2.0)  # and renews on its schedule

@@ -1,0 +1,42 @@
+# Skyferry: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench bench-events schema clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml deploy/install-deps.sh
+	bash deploy/install-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/skyferry demo
+
+test: setup
+	$(BIN)/pytest -m "slow or not slow" -q -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy bus manager vnm migrater vna_agent capture_agent deploy_agent mapper
+
+bench: bench-events
+
+bench-events: setup
+	$(BIN)/python -m bench.bench_events --events 100000 --repeat 3 --out docs/benchmarks.md
+
+schema: setup
+	$(BIN)/skyferry schema --offline --out docs/asyncapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
