@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from bus import codec
 from bus.client import command
 from bus.connection import Bus
-from bus.errors import InternalError, NotFound, NoResponders, UnknownCommand, ValidationFailed
+from bus.errors import InternalError, NoResponders, NotFound, UnknownCommand, ValidationFailed
 from bus.service import BusService, CommandContext
 
 
