@@ -19,6 +19,7 @@ from bus.models.users import Authorisation
 from bus.schema_doc import build_document
 from manager.follower import StreamFollower
 from manager.heartbeat import run_heartbeat
+from manager.projections import ProjectionRunner, Projector
 from manager.service import SERVICE, ManagerService
 from manager.store.recorder import JetStreamRecorder
 from manager.store.repository import Loaded, Repository
@@ -37,6 +38,8 @@ class ManagerConfig:
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     require_signatures: bool = True
     heartbeat_s: float = 5.0
+    projection_url: str | None = None
+    """SQLAlchemy URL of the read models (sqlite:///... or postgresql://...); None: no projections."""
 
 
 class ManagerApp:
@@ -49,6 +52,9 @@ class ManagerApp:
         self.service: ManagerService | None = None
         self._follower: StreamFollower | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self.projector: Projector | None = None
+        self.projection_runner: ProjectionRunner | None = None
+        self._projection_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.bus = await Bus.connect(self.config.bus)
@@ -67,6 +73,11 @@ class ManagerApp:
                 self.bus, SERVICE, self.config.instance, interval_s=self.config.heartbeat_s, details=self._details
             )
         )
+        if self.config.projection_url:
+            self.projector = Projector(self.config.projection_url)
+            await self.projector.create_schema()
+            self.projection_runner = ProjectionRunner(self.bus, self.projector)
+            self._projection_task = asyncio.create_task(self.projection_runner.run())
         log.info("manager_started", instance=self.config.instance, events_folded=n)
 
     def _details(self) -> dict[str, Any]:
@@ -99,6 +110,12 @@ class ManagerApp:
             log.info("admin_bootstrapped", user=admin.id)
 
     async def stop(self) -> None:
+        if self.projection_runner and self._projection_task:
+            self.projection_runner.stop()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._projection_task, 5.0)
+        if self.projector:
+            await self.projector.close()
         if self._heartbeat:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

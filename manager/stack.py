@@ -112,7 +112,9 @@ class Stack:
         self.info.save(self.state_dir)
         self.manager = ManagerApp(
             ManagerConfig(
-                bus=self.bus_config(Role.MANAGER, "manager"), admin_public_key=signing.public_key_of(seeds[ADMIN_ID])
+                bus=self.bus_config(Role.MANAGER, "manager"),
+                admin_public_key=signing.public_key_of(seeds[ADMIN_ID]),
+                projection_url=f"sqlite+aiosqlite:///{self.state_dir / 'read-models.sqlite'}",
             )
         )
         await self.manager.start()

@@ -75,3 +75,18 @@ async def test_unknown_nkey_cannot_connect(tmp_path: Path) -> None:
         cfg = BusConfig(servers=[stack.info.url], nkey_seed=signing.generate_user_seed(), max_reconnect_attempts=1)
         with pytest.raises(BusUnavailable):
             await Bus.connect(cfg)
+
+
+async def test_stack_projects_into_sqlite(tmp_path: Path) -> None:
+    from manager.projections.tables import overlays
+
+    async with Stack(tmp_path / "p") as stack:
+        admin_seed = (stack.keys_dir / f"{ADMIN_ID}.nk").read_text().strip()
+        cli = await Bus.connect(stack.bus_config(Role.CLI, "cli"))
+        ov = MESSAGES["overlay"].create(record=OverlayNetwork(id="ov9", name="nine"))
+        w = await command(cli, "manager", "overlay_create", ov, WriteResult, identity=Identity(ADMIN_ID, admin_seed))
+        await cli.close()
+        assert stack.manager is not None and stack.manager.projection_runner is not None
+        await stack.manager.projection_runner.wait_for(w.version, timeout=5)
+        assert stack.manager.projector is not None
+        assert await stack.manager.projector.count(overlays) == 1
