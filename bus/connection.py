@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from bus.errors import BusUnavailable
-from bus.subjects import EVENTS_ALL, EVENTS_STREAM, FLOWS_ALL, FLOWS_STREAM
+from bus.subjects import ALERTS_ALL, ALERTS_STREAM, EVENTS_ALL, EVENTS_STREAM, FLOWS_ALL, FLOWS_STREAM
 
 log = structlog.get_logger(__name__)
 
@@ -161,7 +161,19 @@ async def ensure_streams(bus: Bus, *, replicas: int = 1, flow_max_age_s: float =
         allow_direct=True,
         description="Flow statistics from VNAs (bounded by age and size).",
     )
-    for cfg in (events, flows):
+    alerts = StreamConfig(
+        name=ALERTS_STREAM,
+        subjects=[ALERTS_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_age=30 * 86_400,
+        max_bytes=256 * 1024**2,
+        discard=DiscardPolicy.OLD,
+        allow_direct=True,
+        description="Data-plane alerts from VNAs: MAC/IP conflicts, loops.",
+    )
+    for cfg in (events, flows, alerts):
         try:
             await bus.js.add_stream(cfg)
         except nats.js.errors.BadRequestError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from bus.subjects import EVENTS_STREAM, FLOWS_STREAM, ROOT
+from bus.subjects import ALERTS_STREAM, EVENTS_STREAM, FLOWS_STREAM, ROOT
 
 
 class Role(StrEnum):
@@ -22,7 +22,12 @@ class Role(StrEnum):
 
 _INBOX = "_INBOX.>"
 _SRV = "$SRV.>"
-_JS_INFO = ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", f"$JS.API.STREAM.INFO.{FLOWS_STREAM}"]
+_JS_INFO = [
+    "$JS.API.INFO",
+    f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
+    f"$JS.API.STREAM.INFO.{FLOWS_STREAM}",
+    f"$JS.API.STREAM.INFO.{ALERTS_STREAM}",
+]
 
 
 def _read_stream(stream: str) -> list[str]:
@@ -53,11 +58,13 @@ def role_permissions(role: Role) -> dict[str, Any]:
             f"{ROOT}.status.>",
             f"{ROOT}.progress.>",
             f"{ROOT}.flow.>",
+            f"{ROOT}.alert.>",
             _SRV,
             _INBOX,
             *_JS_INFO,
             *_read_stream(EVENTS_STREAM),
             *_read_stream(FLOWS_STREAM),
+            *_read_stream(ALERTS_STREAM),
         ]
         return {
             "publish": {"allow": pub, "deny": [f"{ROOT}.evt.>"]},
@@ -69,6 +76,7 @@ def role_permissions(role: Role) -> dict[str, Any]:
                 "allow": [
                     f"{ROOT}.status.>",
                     f"{ROOT}.flow.>",
+                    f"{ROOT}.alert.>",
                     f"{ROOT}.progress.>",
                     f"{ROOT}.cmd.>",
                     _SRV,
@@ -88,12 +96,21 @@ def role_permissions(role: Role) -> dict[str, Any]:
                     *_JS_INFO,
                     *_read_stream(EVENTS_STREAM),
                     *_read_stream(FLOWS_STREAM),
+                    *_read_stream(ALERTS_STREAM),
                 ],
                 "deny": [f"{ROOT}.evt.>"],
             },
             "subscribe": {"allow": [_INBOX, f"{ROOT}.status.>", f"{ROOT}.progress.>"]},
         }
     return {
-        "publish": {"allow": [_SRV, *_JS_INFO, *_read_stream(EVENTS_STREAM), *_read_stream(FLOWS_STREAM)]},
+        "publish": {
+            "allow": [
+                _SRV,
+                *_JS_INFO,
+                *_read_stream(EVENTS_STREAM),
+                *_read_stream(FLOWS_STREAM),
+                *_read_stream(ALERTS_STREAM),
+            ]
+        },
         "subscribe": {"allow": [_INBOX, f"{ROOT}.status.>", f"{ROOT}.progress.>"]},
     }

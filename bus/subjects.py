@@ -12,6 +12,7 @@ from enum import StrEnum
 ROOT = "sf"
 EVENTS_STREAM = "SF_EVENTS"
 FLOWS_STREAM = "SF_FLOWS"
+ALERTS_STREAM = "SF_ALERTS"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -87,6 +88,14 @@ def flow(overlay: str, vna: str) -> str:
 
 
 FLOWS_ALL = f"{ROOT}.flow.>"
+
+
+def alert(overlay: str, source: str) -> str:
+    """Data-plane alerts (MAC/IP conflicts, loops): ``sf.alert.<overlay>.<source>``."""
+    return f"{ROOT}.alert.{token(overlay)}.{token(source)}"
+
+
+ALERTS_ALL = f"{ROOT}.alert.>"
 
 
 def progress(job_id: str) -> str:
