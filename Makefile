@@ -28,7 +28,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy bus manager vnm migrater vna_agent capture_agent deploy_agent mapper
+	$(BIN)/mypy bus manager vnm migrater vna_agent capture_agent deploy_agent mapper deploy/lab
 
 bench: bench-events
 

@@ -1,0 +1,1 @@
+"""Deployment: systemd units, NATS configurations, install scripts and the lab (:mod:`deploy.lab`)."""
