@@ -28,6 +28,7 @@ class Header(StrEnum):
     TIMESTAMP = "Sf-Timestamp"
     SCHEMA = "Sf-Schema"
     SIGNATURE = "Sf-Signature"
+    IDEMPOTENCY_KEY = "Sf-Idempotency-Key"
     ERROR = "Sf-Error"
     NATS_MSG_ID = "Nats-Msg-Id"
     NATS_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"

@@ -10,6 +10,8 @@ from typing import Any
 
 import structlog
 
+from bus import signing
+from bus.client import Identity
 from bus.connection import Bus, BusConfig, ensure_streams
 from bus.envelope import new_id
 from bus.kinds import KINDS, Aggregate
@@ -17,9 +19,11 @@ from bus.messages import all_event_models, event_type
 from bus.models import UserAccount
 from bus.models.users import Authorisation
 from bus.schema_doc import build_document
+from manager.auth import AuthorisingAuthenticator
 from manager.follower import StreamFollower
 from manager.heartbeat import run_heartbeat
 from manager.projections import ProjectionRunner, Projector
+from manager.saga import SagaCoordinator, SagaService
 from manager.service import SERVICE, ManagerService
 from manager.store.recorder import JetStreamRecorder
 from manager.store.repository import Loaded, Repository
@@ -40,6 +44,9 @@ class ManagerConfig:
     heartbeat_s: float = 5.0
     projection_url: str | None = None
     """SQLAlchemy URL of the read models (sqlite:///... or postgresql://...); None: no projections."""
+    saga_seed: str | None = None
+    """Seed of the saga coordinator's service account; None: no coordinator in this process."""
+    saga_account: str = "saga-coordinator"
 
 
 class ManagerApp:
@@ -55,6 +62,9 @@ class ManagerApp:
         self.projector: Projector | None = None
         self.projection_runner: ProjectionRunner | None = None
         self._projection_task: asyncio.Task[None] | None = None
+        self.sagas: SagaCoordinator | None = None
+        self.saga_service: SagaService | None = None
+        self._saga_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.bus = await Bus.connect(self.config.bus)
@@ -73,6 +83,8 @@ class ManagerApp:
                 self.bus, SERVICE, self.config.instance, interval_s=self.config.heartbeat_s, details=self._details
             )
         )
+        if self.config.saga_seed:
+            await self._start_sagas(self.config.saga_seed)
         if self.config.projection_url:
             self.projector = Projector(self.config.projection_url)
             await self.projector.create_schema()
@@ -80,13 +92,35 @@ class ManagerApp:
             self._projection_task = asyncio.create_task(self.projection_runner.run())
         log.info("manager_started", instance=self.config.instance, events_folded=n)
 
+    async def _start_sagas(self, seed: str) -> None:
+        assert self.bus is not None and self.repo is not None and self.service is not None
+        account = UserAccount(
+            id=self.config.saga_account,
+            display_name="Saga coordinator (service account)",
+            public_key=signing.public_key_of(seed),
+            authorisations={Authorisation.ADMIN},
+        )
+        await self._bootstrap_user(account, only_if_no_users=False)
+        self.sagas = SagaCoordinator(
+            self.bus,
+            JetStreamRecorder(self.bus),
+            Identity(self.config.saga_account, seed),
+            instance_id=f"mgr-{self.config.instance}",
+        )
+        self.saga_service = SagaService(
+            self.bus,
+            self.sagas,
+            authenticator=AuthorisingAuthenticator(self.service.authenticator, Authorisation.SAGA_OPERATE),
+        )
+        await self.saga_service.start()
+        self._saga_task = asyncio.create_task(self.sagas.serve())
+
     def _details(self) -> dict[str, Any]:
         assert self.repo is not None
         return {"position": self.repo.position}
 
     async def _bootstrap_admin(self) -> None:
-        assert self.repo is not None
-        if self.config.admin_public_key is None or self.repo.cached(Aggregate.USER):
+        if self.config.admin_public_key is None:
             return
         admin = UserAccount(
             id=self.config.admin_id,
@@ -94,6 +128,15 @@ class ManagerApp:
             public_key=self.config.admin_public_key,
             authorisations={Authorisation.ADMIN},
         )
+        await self._bootstrap_user(admin, only_if_no_users=True)
+
+    async def _bootstrap_user(self, admin: UserAccount, *, only_if_no_users: bool) -> None:
+        assert self.repo is not None
+        if only_if_no_users and self.repo.cached(Aggregate.USER):
+            return
+        existing = self.repo._cache.get((Aggregate.USER, admin.id))
+        if existing is not None and existing.state is not None:
+            return
 
         def decide(cur: Loaded) -> tuple[str, dict[str, Any]]:
             return event_type(KINDS["user"].name, "created"), {"record": admin.model_dump(mode="json")}
@@ -110,6 +153,12 @@ class ManagerApp:
             log.info("admin_bootstrapped", user=admin.id)
 
     async def stop(self) -> None:
+        if self.saga_service:
+            await self.saga_service.stop()
+        if self._saga_task:
+            self._saga_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._saga_task
         if self.projection_runner and self._projection_task:
             self.projection_runner.stop()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -14,7 +14,8 @@ from bus import signing
 from bus.connection import Bus
 from bus.envelope import Envelope
 from bus.errors import Unauthenticated
-from bus.models.users import UserAccount
+from bus.models.users import Authorisation, UserAccount
+from manager.access import authorise
 
 NONCE_BUCKET = "SF_NONCES"
 
@@ -64,4 +65,19 @@ class SignatureAuthenticator:
         # Signature first: a forged message must not be able to burn a genuine message id.
         signing.verify(user.public_key, subject, envelope, body)
         await signing.check_fresh(envelope, self._nonces)
+        return user
+
+
+class AuthorisingAuthenticator:
+    """Authenticates with ``inner``, then requires one authorisation (e.g. saga-operate)."""
+
+    def __init__(self, inner: Any, needed: Authorisation) -> None:
+        self._inner = inner
+        self._needed = needed
+
+    async def authenticate(self, subject: str, envelope: Envelope, body: bytes) -> Any:
+        if self._inner is None:
+            return None
+        user = await self._inner.authenticate(subject, envelope, body)
+        authorise(user, self._needed, what=subject)
         return user

@@ -67,6 +67,7 @@ class ManagerService:
 
     def __post_init__(self) -> None:
         self.service: BusService | None = None
+        self.authenticator: SignatureAuthenticator | None = None
 
     def lookup_user(self, user_id: str) -> UserAccount | None:
         hit = self.repo._cache.get((Aggregate.USER, user_id))
@@ -77,6 +78,7 @@ class ManagerService:
         authenticator = None
         if self.require_signatures:
             authenticator = SignatureAuthenticator(self.lookup_user, await KvNonceStore.open(self.bus))
+        self.authenticator = authenticator
         svc = BusService(
             self.bus,
             SERVICE,

@@ -28,6 +28,7 @@ from manager.app import ManagerApp, ManagerConfig
 log = structlog.get_logger(__name__)
 
 ADMIN_ID = "admin"
+SAGA_ACCOUNT = "saga-coordinator"
 
 
 def default_state_dir() -> Path:
@@ -83,7 +84,7 @@ class Stack:
     def ensure_keys(self) -> dict[str, str]:
         """Create missing seeds; return name -> seed."""
         seeds: dict[str, str] = {}
-        for name in [*(r.value for r in Role), ADMIN_ID]:
+        for name in [*(r.value for r in Role), ADMIN_ID, SAGA_ACCOUNT]:
             path = self.keys_dir / f"{name}.nk"
             if not path.exists():
                 _write_secret(path, signing.generate_user_seed())
@@ -115,6 +116,8 @@ class Stack:
                 bus=self.bus_config(Role.MANAGER, "manager"),
                 admin_public_key=signing.public_key_of(seeds[ADMIN_ID]),
                 projection_url=f"sqlite+aiosqlite:///{self.state_dir / 'read-models.sqlite'}",
+                saga_seed=seeds[SAGA_ACCOUNT],
+                saga_account=SAGA_ACCOUNT,
             )
         )
         await self.manager.start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,38 +218,38 @@ def settings_of(ctx: typer.Context) -> Settings:
 
 def run(
     ctx: typer.Context,
-    fn: Callable[[Settings], Awaitable[None]],
+    fn: Callable[[Settings], Coroutine[Any, Any, None]],
     *,
     interrupt_ok: bool = False,
 ) -> None:
     """Run one command's coroutine; map every expected failure to one line and an exit code."""
     settings = settings_of(ctx)
+    failure: SkyferryError | None = None
     code = ExitCode.OK
     try:
         asyncio.run(fn(settings))
     except SkyferryError as err:
-        settings.out.error(err)
-        code = exit_code_of(err)
+        failure = err
     except (ValidationError, ModelError) as exc:
-        err = local_error(exc, "input")
-        settings.out.error(err)
-        code = exit_code_of(err)
+        failure = local_error(exc, "input")
     except KeyboardInterrupt:
         code = ExitCode.OK if interrupt_ok else ExitCode.INTERRUPTED
     except OSError as exc:
-        err = CliError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-        settings.out.error(err)
-        code = exit_code_of(err)
+        failure = CliError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except Exception as exc:
         if settings.verbose:
             traceback.print_exc()
-        settings.out.error(CliError(f"unexpected {exc!r} (--verbose shows the traceback)", code=ErrorCode.INTERNAL))
-        code = ExitCode.INTERNAL
+        failure = CliError(f"unexpected {exc!r} (--verbose shows the traceback)", code=ErrorCode.INTERNAL)
+    if failure is not None:
+        settings.out.error(failure)
+        code = exit_code_of(failure)
     if code is not ExitCode.OK:
         raise typer.Exit(int(code))
 
 
-def run_session(ctx: typer.Context, fn: Callable[[Session], Awaitable[None]], *, interrupt_ok: bool = False) -> None:
+def run_session(
+    ctx: typer.Context, fn: Callable[[Session], Coroutine[Any, Any, None]], *, interrupt_ok: bool = False
+) -> None:
     """:func:`run` with a connected :class:`Session`."""
 
     async def body(settings: Settings) -> None:

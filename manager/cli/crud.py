@@ -195,7 +195,13 @@ class KindCli:
     noun: str
     columns: tuple[Column, ...]
     verbs: dict[str, str] = field(
-        default_factory=lambda: {"list": "list", "show": "get", "create": "create", "update": "update", "delete": "delete"}
+        default_factory=lambda: {
+            "list": "list",
+            "show": "get",
+            "create": "create",
+            "update": "update",
+            "delete": "delete",
+        }
     )
     """CLI verb -> store verb, for the verbs to register."""
 
@@ -206,6 +212,10 @@ class KindCli:
     @property
     def parent_name(self) -> str:
         return ROOT_KIND[self.record_kind.aggregate].name.upper()
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0].lower() in "aeio" else f"a {noun}"
 
 
 def _shape_parent(fn: Callable[..., None], kind: RecordKind) -> Callable[..., None]:
@@ -238,7 +248,7 @@ def _list_cmd(spec: KindCli) -> Callable[..., None]:
         async def body(s: Session) -> None:
             items = await list_records(s, kind, parent)
             if s.out.human:
-                s.out.table(f"{spec.noun}s", spec.columns, [i.record for i in items])
+                s.out.table(f"{spec.noun[0].upper()}{spec.noun[1:]}s", spec.columns, [i.record for i in items])
             else:
                 s.out.document(items)
 
@@ -288,7 +298,7 @@ def _create_cmd(spec: KindCli) -> Callable[..., None]:
 
         run_session(ctx, body)
 
-    create.__doc__ = f"Create a {spec.noun} from -f FILE and/or --id/--name/--set options."
+    create.__doc__ = f"Create {_a(spec.noun)} from -f FILE and/or --id/--name/--set options."
     return create
 
 
@@ -311,7 +321,7 @@ def _update_cmd(spec: KindCli) -> Callable[..., None]:
 
         run_session(ctx, body)
 
-    update.__doc__ = f"Update a {spec.noun}: read it, apply -f FILE / --set, write it back at the version read."
+    update.__doc__ = f"Update {_a(spec.noun)}: read it, apply -f FILE / --set, write it back at the version read."
     return update
 
 
@@ -331,5 +341,5 @@ def _delete_cmd(spec: KindCli) -> Callable[..., None]:
 
         run_session(ctx, body)
 
-    delete.__doc__ = f"Delete a {spec.noun}."
+    delete.__doc__ = f"Delete {_a(spec.noun)}."
     return delete

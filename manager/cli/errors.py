@@ -85,5 +85,5 @@ def local_error(exc: ValidationError | ModelError, what: str) -> CliError:
         errors = [{"loc": e.path, "msg": e.message} for e in exc.errors]
     else:
         errors = [{"loc": "", "msg": str(exc)}]
-    first = errors[0]["msg"] if errors else str(exc)
+    first = (": ".join(v for v in (errors[0]["loc"], errors[0]["msg"]) if v)) if errors else str(exc)
     return CliError(f"invalid {what}: {first}", code=ErrorCode.VALIDATION, details={"errors": errors})

@@ -137,7 +137,8 @@ class Output:
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         for key, value in data.items():
-            table.add_row(key, cell(value))
+            if value is not None:
+                table.add_row(key, cell(value))
         self.out.print(table)
 
     # --- messages ----------------------------------------------------------------------------------
@@ -146,6 +147,11 @@ class Output:
         """A confirmation for people (stdout, table mode only)."""
         if self.human:
             self.out.print(Text("✓ ", style="green") + Text(message))
+
+    def refused(self, message: str) -> None:
+        """An expected refusal, shown to people (stdout, table mode only)."""
+        if self.human:
+            self.out.print(Text("✗ ", style="yellow") + Text(message))
 
     def note(self, message: str, style: str = "dim") -> None:
         """A remark that is not data (stderr, every mode)."""

@@ -77,7 +77,6 @@ USER_COLUMNS = (
 )
 INTERFACE_COLUMNS = (
     Column("Node", "node"),
-    Column("Name", "node_name"),
     Column("Server", "server"),
     Column("Placement", "placement"),
     Column("Interface", "name"),
@@ -89,9 +88,7 @@ INTERFACE_COLUMNS = (
 
 
 def _with_domain(domains: list[NetworkDomain], attr: str) -> list[dict[str, Any]]:
-    return [
-        {"domain": d.id, **item.model_dump(mode="json")} for d in domains for item in getattr(d, attr)
-    ]
+    return [{"domain": d.id, **item.model_dump(mode="json")} for d in domains for item in getattr(d, attr)]
 
 
 def render_domains(out: Output, domains: list[NetworkDomain]) -> None:

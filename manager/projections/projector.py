@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,6 +48,8 @@ log = structlog.get_logger(__name__)
 # Bound on bound parameters per IN list (SQLite's limit is far higher; PostgreSQL's is 32767).
 _CHUNK = 500
 _CONFLICT_RETRIES = 3
+#: Folded roots kept in memory between batches (see :class:`_Cached`).
+DEFAULT_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,23 @@ class _Root:
     version: int
     updated_at: dt.datetime | None
     changed: bool = False
+    written: Rows | None = None
+    """Its relational rows as this projector last wrote them (None: unknown, rewrite them all)."""
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A root's folded state (and the rows this projector wrote for it) as committed at ``version``.
+
+    The fold is deterministic, so a root whose ``aggregates.version`` still equals
+    ``version`` has exactly this state: the batch then skips reading and re-validating
+    the stored JSON, and leaves alone the tables whose rows did not change. Any other
+    version (another projector, a rebuild) reloads the state and rewrites every row.
+    """
+
+    version: int
+    state: RootState
+    written: Rows | None
 
 
 @contextlib.contextmanager
@@ -146,9 +166,14 @@ def _no_nul(value: Any) -> Any:
     return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
 
 
+def _has_nul(row: Row) -> bool:
+    return any(v.__class__ is str and "\x00" in v for v in row.values())
+
+
 async def _insert(conn: AsyncConnection, table: Table, rows: list[Row]) -> None:
     """One executemany; strings cleaned so that no odd value can fail the batch."""
-    await conn.execute(insert(table), [{k: _no_nul(v) for k, v in r.items()} for r in rows])
+    clean = [{k: _no_nul(v) for k, v in r.items()} if _has_nul(r) else r for r in rows]
+    await conn.execute(insert(table), clean)
 
 
 def _plain(row: SqlRow[Any]) -> dict[str, Any]:
@@ -166,12 +191,20 @@ class Projector:
     """
 
     def __init__(
-        self, engine_url: str | URL = DEFAULT_URL, *, name: str = "sql", schema: str | None = None, echo: bool = False
+        self,
+        engine_url: str | URL = DEFAULT_URL,
+        *,
+        name: str = "sql",
+        schema: str | None = None,
+        echo: bool = False,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         self.url = normalise_url(engine_url)
         self.name = name
         self.schema = schema
         self.engine = create_engine(self.url, schema=schema, echo=echo)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         self._log = log.bind(projection=name, db=self.url.render_as_string(hide_password=True))
 
     async def close(self) -> None:
@@ -209,6 +242,7 @@ class Projector:
         refused (gap) and restarts its consumer from the rebuilt position.
         """
         start = time.perf_counter()
+        self._cache.clear()
         with _db_errors("rebuild"):
             async with self.engine.begin() as conn:
                 await conn.run_sync(t.metadata.drop_all)
@@ -255,7 +289,8 @@ class Projector:
             try:
                 with _db_errors("apply"):
                     async with self.engine.begin() as conn:
-                        res = await self._apply(conn, events, allow_gap)
+                        res, roots = await self._apply(conn, events, allow_gap)
+                self._remember(roots)  # committed: only now may later batches rely on these states
                 return dataclasses.replace(res, committed_at=utcnow())
             except ProjectionConflict:
                 # Someone else applied meanwhile: re-reading the position turns their work into skips.
@@ -264,12 +299,14 @@ class Projector:
                 self._log.info("projection_conflict_retry", attempt=attempt)
                 attempt += 1
 
-    async def _apply(self, conn: AsyncConnection, events: Sequence[Incoming], allow_gap: bool) -> ApplyResult:
+    async def _apply(
+        self, conn: AsyncConnection, events: Sequence[Incoming], allow_gap: bool
+    ) -> tuple[ApplyResult, Iterable[_Root]]:
         stored = await self._read_position(conn, lock=True)
         base = stored or 0
         fresh = sorted({e.position: e for e in events if e.position > base}.values(), key=lambda e: e.position)
         if not fresh:
-            return ApplyResult(applied=0, skipped=len(events), errors=0, position=base)
+            return ApplyResult(applied=0, skipped=len(events), errors=0, position=base), ()
         if fresh[0].position != base + 1:
             if not allow_gap:
                 raise ProjectionGap(
@@ -299,7 +336,17 @@ class Projector:
             await _insert(conn, t.projection_errors, errors)
             for e in errors:
                 self._log.warning("projection_event_skipped", **{k: v for k, v in e.items() if k != "recorded_at"})
-        return ApplyResult(applied=len(fresh), skipped=len(events) - len(fresh), errors=len(errors), position=new)
+        result = ApplyResult(applied=len(fresh), skipped=len(events) - len(fresh), errors=len(errors), position=new)
+        return result, roots.values()
+
+    def _remember(self, roots: Iterable[_Root]) -> None:
+        cache = self._cache
+        for r in roots:
+            key = (r.aggregate.value, r.id)
+            cache[key] = _Cached(r.version, r.state, r.written)
+            cache.move_to_end(key)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
 
     async def _read_position(self, conn: AsyncConnection, *, lock: bool = False) -> int | None:
         pp = t.projection_position
@@ -330,7 +377,7 @@ class Projector:
     async def _load_roots(
         self, conn: AsyncConnection, good: Sequence[StoredEvent], errors: list[Row]
     ) -> dict[tuple[str, str], _Root]:
-        """Current state of every root the batch touches, from ``aggregates``."""
+        """Current state of every root the batch touches: cached if its version agrees, else from ``aggregates``."""
         wanted: dict[str, dict[str, list[StoredEvent]]] = {}
         for ev in good:
             wanted.setdefault(ev.aggregate_type, {}).setdefault(ev.aggregate_id, []).append(ev)
@@ -342,13 +389,28 @@ class Projector:
             except InvalidEvent as exc:
                 errors += [self._error_row(ev, exc.message) for evs in by_id.values() for ev in evs]
                 continue
-            stored: dict[str, SqlRow[Any]] = {}
+            versions: dict[str, int] = {}
             for chunk in _chunks(list(by_id)):
+                q = select(a.c.aggregate_id, a.c.version).where(
+                    a.c.aggregate_type == agg_type, a.c.aggregate_id.in_(chunk)
+                )
+                versions |= {row.aggregate_id: int(row.version) for row in await conn.execute(q)}
+            cached: dict[str, _Cached] = {}
+            for agg_id, version in versions.items():
+                hit = self._cache.get((agg_type, agg_id))
+                if hit is not None and hit.version == version:
+                    cached[agg_id] = hit
+            stored: dict[str, SqlRow[Any]] = {}
+            for chunk in _chunks([i for i in versions if i not in cached]):
                 q = select(a.c.aggregate_id, a.c.version, a.c.state, a.c.updated_at).where(
                     a.c.aggregate_type == agg_type, a.c.aggregate_id.in_(chunk)
                 )
                 stored |= {row.aggregate_id: row for row in await conn.execute(q)}
             for agg_id, evs in by_id.items():
+                hit = cached.get(agg_id)
+                if hit is not None:
+                    roots[(agg_type, agg_id)] = _Root(agg, agg_id, hit.state, hit.version, None, written=hit.written)
+                    continue
                 row = stored.get(agg_id)
                 try:
                     state = state_from_json(agg, row.state if row else None)
@@ -361,18 +423,18 @@ class Projector:
         return roots
 
     async def _write_roots(self, conn: AsyncConnection, roots: list[_Root]) -> None:
-        """Rewrite every row of the changed roots: delete what they owned, insert what they own now."""
+        """Rewrite the rows of the changed roots: delete what they owned, insert what they own now.
+
+        A table whose rows for a root are exactly what this projector wrote for the root's
+        previous version (known from the cache) is left alone.
+        """
         by_agg: dict[Aggregate, list[_Root]] = {}
         for r in roots:
             by_agg.setdefault(r.aggregate, []).append(r)
         a = t.aggregates
         for agg, group in by_agg.items():
-            ids = [r.id for r in group]
-            for chunk in _chunks(ids):
-                await conn.execute(delete(a).where(a.c.aggregate_type == agg.value, a.c.aggregate_id.in_(chunk)))
-                for table, col in OWNED[agg]:
-                    await conn.execute(delete(table).where(col.in_(chunk)))
             inserts: dict[Table, list[Row]] = {a: []}
+            stale: dict[Table, list[str]] = {}
             for r in group:
                 assert r.updated_at is not None  # set by the event that changed it
                 state = state_to_json(r.state)
@@ -388,8 +450,20 @@ class Projector:
                     }
                 )
                 owned: Rows = rows_for(agg, state, r.version, at)
-                for table, rows in owned.items():
-                    inserts.setdefault(table, []).extend(rows)
+                before = r.written
+                for table, _ in OWNED[agg]:
+                    rows = owned.get(table, [])
+                    if before is not None and before.get(table, []) == rows:
+                        continue
+                    stale.setdefault(table, []).append(r.id)
+                    if rows:
+                        inserts.setdefault(table, []).extend(rows)
+                r.written = owned
+            for chunk in _chunks([r.id for r in group]):
+                await conn.execute(delete(a).where(a.c.aggregate_type == agg.value, a.c.aggregate_id.in_(chunk)))
+            for table, col in OWNED[agg]:
+                for chunk in _chunks(stale.get(table, [])):
+                    await conn.execute(delete(table).where(col.in_(chunk)))
             for table, rows in inserts.items():
                 if rows:
                     await _insert(conn, table, rows)

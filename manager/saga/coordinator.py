@@ -210,13 +210,20 @@ class SagaCoordinator:
         Raises:
             SagaNotFound: no events for that id.
         """
-        events = await self.recorder.read(AGGREGATE, subjects.token(saga_id))
+        try:
+            events = await self.recorder.read(AGGREGATE, subjects.token(saga_id))
+        except ValueError:  # not a subject token: no saga can have that id
+            events = []
         if not events:
             raise SagaNotFound(f"no saga {saga_id}", details={"saga_id": saga_id})
         return fold(events, saga_id)
 
     async def list_sagas(self) -> list[SagaState]:
-        """Every known saga, oldest first (from an in-memory read model refreshed from the events)."""
+        """Every known saga, oldest first, from an in-memory read model of the saga events.
+
+        The model is re-read when a saga event was seen on the bus (while :meth:`serve` runs) or
+        written here; without ``serve`` other coordinators' changes show up only after that.
+        """
         await self._refresh_index(force=self.bus is None, wait=False)
         return sorted(self._index.states.values(), key=lambda s: (s.created_at is None, s.created_at, s.saga_id))
 
@@ -548,7 +555,9 @@ class SagaCoordinator:
 
     def _applied(self, run: _Run, stored: StoredEvent) -> None:
         run.state.apply(stored)
-        if not run.state.forward_allowed:
+        if run.state.forward_allowed:  # e.g. paused and resumed before the run noticed the pause
+            run.stop.clear()
+        else:
             run.stop.set()
         run.changed.set()
 
@@ -674,8 +683,8 @@ class SagaCoordinator:
                 for saga_id in await self.find_unfinished(force=stale):
                     if saga_id not in self._runs:
                         self.submit(saga_id)
-            except SkyferryError as exc:
-                self._log.warning("saga_scan_failed", error=str(exc))
+            except Exception as exc:  # the bus may be away for a while: keep scanning
+                self._log.warning("saga_scan_failed", error=repr(exc))
             await asyncio.sleep(self._scan_interval_s)
 
     async def _run_logged(self, saga_id: str, results: dict[str, SagaState] | None = None) -> None:
@@ -725,20 +734,27 @@ class SagaCoordinator:
             return
         async with idx.lock:
             idx.dirty = False
+            try:
+                await self._read_into_index(idx)
+            except BaseException:
+                idx.dirty = True
+                raise
             if force:
                 idx.forced_at = time.monotonic()
-            async for ev in self.recorder.read_all(after=idx.position, aggregate_type=AGGREGATE):
-                idx.position = ev.position
-                if ev.aggregate_id in idx.broken:
-                    continue
-                state = idx.states.get(ev.aggregate_id)
-                if state is None:
-                    state = idx.states[ev.aggregate_id] = SagaState(saga_id=ev.aggregate_id)
-                try:
-                    state.apply(ev)
-                except SagaHistoryError as exc:
-                    idx.broken.add(ev.aggregate_id)
-                    self._log.error("saga_history_unreadable", saga_id=ev.aggregate_id, error=str(exc))
+
+    async def _read_into_index(self, idx: _Index) -> None:
+        async for ev in self.recorder.read_all(after=idx.position, aggregate_type=AGGREGATE):
+            idx.position = ev.position
+            if ev.aggregate_id in idx.broken:
+                continue
+            state = idx.states.get(ev.aggregate_id)
+            if state is None:
+                state = idx.states[ev.aggregate_id] = SagaState(saga_id=ev.aggregate_id)
+            try:
+                state.apply(ev)
+            except SagaHistoryError as exc:
+                idx.broken.add(ev.aggregate_id)
+                self._log.error("saga_history_unreadable", saga_id=ev.aggregate_id, error=str(exc))
 
 
 def _forward_allowed(state: SagaState) -> bool:

@@ -31,9 +31,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.errors import SkyferryError
+from manager.saga.errors import SagaHistoryError
 from manager.saga.plan import SagaPlan
 
 AGGREGATE = "saga"
@@ -77,73 +78,101 @@ class SagaEvent(BaseModel):
 
 
 class SagaCreated(SagaEvent):
+    """A saga was created from its plan."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "created"
     plan: SagaPlan
 
 
 class _StepEvent(SagaEvent):
+    """An event about one attempt of one step."""
+
     step_id: str
     attempt: int = Field(ge=1)
 
 
 class StepStarted(_StepEvent):
+    """An attempt of a step's action is about to be sent."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "step_started"
     idempotency_key: str
 
 
 class StepSucceeded(_StepEvent):
+    """The step's action succeeded; ``result`` is the participant's reply."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "step_succeeded"
     result: dict[str, Any] = Field(default_factory=dict)
 
 
 class StepRetrying(_StepEvent):
+    """An attempt failed retryably; the next one follows after ``delay_s``."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "step_retrying"
     error: StepError
     delay_s: float
 
 
 class StepFailed(_StepEvent):
+    """The step failed for good (non-retryable error or attempts exhausted)."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "step_failed"
     error: StepError
 
 
 class CompensationStarted(_StepEvent):
+    """An attempt of a step's compensation is about to be sent."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "compensation_started"
     idempotency_key: str
 
 
 class CompensationSucceeded(_StepEvent):
+    """The step's compensation succeeded."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "compensation_succeeded"
     result: dict[str, Any] = Field(default_factory=dict)
 
 
 class CompensationRetrying(_StepEvent):
+    """A compensation attempt failed retryably."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "compensation_retrying"
     error: StepError
     delay_s: float
 
 
 class CompensationFailed(_StepEvent):
+    """The compensation failed for good; the other compensations still run."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "compensation_failed"
     error: StepError
 
 
 class SagaPaused(SagaEvent):
+    """No new attempts start until resumed."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "paused"
     reason: str = ""
 
 
 class SagaResumed(SagaEvent):
+    """A pause was lifted."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "resumed"
     reason: str = ""
 
 
 class SagaCancelRequested(SagaEvent):
+    """Stop starting steps and compensate what took effect."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "cancel_requested"
     reason: str = ""
 
 
 class SagaCompleted(SagaEvent):
+    """Every step succeeded."""
+
     TYPE: ClassVar[str] = EVENT_PREFIX + "completed"
 
 
@@ -194,9 +223,22 @@ TERMINAL_TYPES = frozenset({SagaCompleted.TYPE, SagaCompensated.TYPE, SagaFailed
 
 
 def parse_event(event_type: str, data: dict[str, Any]) -> SagaEvent | None:
-    """The typed event for a stored one; None for a type this version does not know."""
+    """The typed event for a stored one; None for a type this version does not know.
+
+    Raises:
+        SagaHistoryError: the payload does not match its type (e.g. a stored plan that no
+            longer validates).
+    """
     cls = EVENT_TYPES.get(event_type)
-    return cls.model_validate(data) if cls is not None else None
+    if cls is None:
+        return None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise SagaHistoryError(
+            f"unreadable {event_type} event",
+            details={"errors": exc.errors(include_url=False, include_input=False, include_context=False)},
+        ) from exc
 
 
 class SagaProgress(BaseModel):

@@ -28,6 +28,7 @@ from bus.errors import ErrorCode
 from manager.saga.errors import InvalidPlan
 
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_KEY_PATTERN = r"^[^~\s]{1,200}$"  # "~" separates the key from the nonce in a request's message id
 _SUBJECT = re.compile(r"^sf\.(cmd|agent)(\.[A-Za-z0-9_-]{1,64}){2,}$")
 
 
@@ -80,9 +81,11 @@ class StepSpec(BaseModel):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     compensation_retry: RetryPolicy | None = Field(default=None, description="Defaults to ``retry``.")
     timeout_s: float = Field(default=30.0, gt=0, le=86_400, description="Timeout of one attempt.")
-    idempotency_key: str | None = Field(default=None, description="Default: '<saga_id>:<step_id>:action'.")
+    idempotency_key: str | None = Field(
+        default=None, pattern=_KEY_PATTERN, description="Default: '<saga_id>:<step_id>:action'."
+    )
     compensation_idempotency_key: str | None = Field(
-        default=None, description="Default: '<saga_id>:<step_id>:compensation'."
+        default=None, pattern=_KEY_PATTERN, description="Default: '<saga_id>:<step_id>:compensation'."
     )
     description: str = ""
 
@@ -100,6 +103,7 @@ class StepSpec(BaseModel):
 
     @property
     def compensation_policy(self) -> RetryPolicy:
+        """Retry policy of the compensation (``compensation_retry`` or ``retry``)."""
         return self.compensation_retry or self.retry
 
 
@@ -174,4 +178,5 @@ class SagaPlan(BaseModel):
         return self._by_id[step_id]
 
     def group_limit(self, group: str) -> int:
+        """Steps of ``group`` that may run at once."""
         return self.group_limits.get(group, self.max_parallel)

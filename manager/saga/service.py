@@ -32,23 +32,31 @@ SERVICE_VERSION = "0.1.0"
 
 
 class StartSaga(BaseModel):
+    """``start``: the plan of the saga to create and run."""
+
     __schema_name__: ClassVar[str] = "skyferry.v1.saga.start_request"
     plan: SagaPlan
 
 
 class SagaRef(BaseModel):
+    """``show``/``pause``/``resume``/``cancel``: which saga, and why (recorded in the event)."""
+
     __schema_name__: ClassVar[str] = "skyferry.v1.saga.ref"
     saga_id: str = Field(pattern=TOKEN_PATTERN)
     reason: str = Field(default="", max_length=500)
 
 
 class ListSagas(BaseModel):
+    """``list``: an optional status filter and a limit."""
+
     __schema_name__: ClassVar[str] = "skyferry.v1.saga.list_request"
     status: SagaStatus | None = None
     limit: int = Field(default=1000, ge=1, le=100_000)
 
 
 class StepView(BaseModel):
+    """One step of a :class:`SagaView`."""
+
     step_id: str
     status: StepStatus
     attempts: int
@@ -84,6 +92,7 @@ class SagaView(BaseModel):
 
     @classmethod
     def from_state(cls, state: SagaState) -> SagaView:
+        """The view of a folded saga."""
         plan = state.require_plan()
         steps = []
         for spec in plan.steps:
@@ -124,6 +133,8 @@ class SagaView(BaseModel):
 
 
 class SagaSummary(BaseModel):
+    """One line of ``list``."""
+
     saga_id: str
     name: str
     status: SagaStatus
@@ -135,6 +146,7 @@ class SagaSummary(BaseModel):
 
     @classmethod
     def from_state(cls, state: SagaState) -> SagaSummary:
+        """The summary of a folded saga."""
         return cls(
             saga_id=state.saga_id,
             name=state.plan.name if state.plan else "",
@@ -148,6 +160,8 @@ class SagaSummary(BaseModel):
 
 
 class SagaList(BaseModel):
+    """``list`` reply."""
+
     __schema_name__: ClassVar[str] = "skyferry.v1.saga.list"
     sagas: list[SagaSummary]
 
@@ -180,9 +194,11 @@ class SagaService:
         cmd("cancel", SagaRef, SagaView, description="Stop and compensate in reverse.")(self._cancel)
 
     async def start(self) -> None:
+        """Register the service's endpoints on the bus."""
         await self.service.start()
 
     async def stop(self) -> None:
+        """Unregister the endpoints."""
         await self.service.stop()
 
     async def __aenter__(self) -> SagaService:

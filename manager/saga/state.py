@@ -47,6 +47,8 @@ from manager.store.recorder import StoredEvent
 
 
 class SagaStatus(StrEnum):
+    """Where a saga is; completed, compensated and failed are terminal."""
+
     PENDING = "pending"
     RUNNING = "running"
     PAUSED = "paused"
@@ -60,6 +62,8 @@ TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.F
 
 
 class StepStatus(StrEnum):
+    """Where a step's action is."""
+
     PENDING = "pending"
     RUNNING = "running"
     """Started, no result yet (in flight, or interrupted by a coordinator crash)."""
@@ -69,6 +73,8 @@ class StepStatus(StrEnum):
 
 
 class CompensationStatus(StrEnum):
+    """Where a step's compensation is (None in StepState: not started)."""
+
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
@@ -96,6 +102,7 @@ class StepState(BaseModel):
 
     @property
     def may_have_effect(self) -> bool:
+        """Succeeded, started without result, or an attempt of unknown outcome: compensate it."""
         return self.status in (StepStatus.SUCCEEDED, StepStatus.RUNNING) or self.in_doubt
 
 
@@ -126,12 +133,14 @@ class SagaState(BaseModel):
 
     @property
     def status(self) -> SagaStatus:
+        """The phase, or paused."""
         if self.paused and self.phase not in TERMINAL:
             return SagaStatus.PAUSED
         return self.phase
 
     @property
     def is_terminal(self) -> bool:
+        """Completed, compensated or failed."""
         return self.phase in TERMINAL
 
     @property
@@ -140,11 +149,13 @@ class SagaState(BaseModel):
         return not self.paused and self.phase in (SagaStatus.PENDING, SagaStatus.RUNNING)
 
     def require_plan(self) -> SagaPlan:
+        """The plan (raises SagaHistoryError before ``created``)."""
         if self.plan is None:
             raise SagaHistoryError(f"saga {self.saga_id} has no created event", details={"saga_id": self.saga_id})
         return self.plan
 
     def all_succeeded(self) -> bool:
+        """Whether every step succeeded."""
         return bool(self.steps) and all(s.status is StepStatus.SUCCEEDED for s in self.steps.values())
 
     def steps_to_run(self) -> list[str]:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bus import codec, subjects
 from bus.connection import Bus, BusConfig
 from bus.errors import BusTimeout, ErrorCode, ErrorReply, NoResponders, RemoteError, ValidationFailed, error_from_reply
-from bus.service import BusService, CommandContext, CommandSpec
+from bus.service import Authenticator, BusService, CommandContext, CommandSpec
 from manager.saga.plan import ActionRef, RetryPolicy, SagaPlan, StepSpec
 
 SERVICE = "testpart"
@@ -59,6 +59,7 @@ class Script(BaseModel):
     default: Behaviour = Field(default_factory=Behaviour)
 
     def behaviour(self, verb: str, name: str) -> Behaviour:
+        """The behaviour for a request of ``verb`` about ``name``."""
         by_name = self.do if verb == "do" else self.undo
         return by_name.get(name, self.default)
 
@@ -257,10 +258,22 @@ class TestParticipant:
     __test__ = False  # not a pytest test class
 
     def __init__(
-        self, bus: Bus, *, log_path: Path | None = None, script: Script | None = None, service: str = SERVICE
+        self,
+        bus: Bus,
+        *,
+        log_path: Path | None = None,
+        script: Script | None = None,
+        service: str = SERVICE,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.core = ScriptedParticipant(script, EffectLog(log_path))
-        self.service = BusService(bus, name=service, version="0.1.0", description="Scripted saga test participant.")
+        self.service = BusService(
+            bus,
+            name=service,
+            version="0.1.0",
+            description="Scripted saga test participant.",
+            authenticator=authenticator,
+        )
         for verb in ("do", "undo"):
             self.service.add(
                 CommandSpec(verb, ParticipantRequest, ParticipantReply, self._handler(verb), f"{verb} (scripted)")
@@ -278,9 +291,11 @@ class TestParticipant:
         return self.core.log
 
     async def start(self) -> None:
+        """Start answering ``do``/``undo``."""
         await self.service.start()
 
     async def stop(self) -> None:
+        """Stop answering and close the log."""
         await self.service.stop()
         self.core.log.close()
 
@@ -364,9 +379,11 @@ class MemoryTransport:
         self._executions: set[asyncio.Task[dict[str, Any]]] = set()
 
     def register(self, subject: str, handler: Handler) -> None:
+        """Serve ``subject`` with ``handler``."""
         self.handlers[subject] = handler
 
     def unregister(self, subject: str) -> None:
+        """Stop serving ``subject`` (requests get NoResponders)."""
         self.handlers.pop(subject, None)
 
     def serve(self, participant: ScriptedParticipant, service: str = SERVICE) -> None:

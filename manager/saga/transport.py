@@ -4,9 +4,18 @@
 :class:`BusTransport` sends a NATS request, :class:`manager.saga.testing.MemoryTransport`
 is its in-memory twin for unit tests.
 
-Every request carries the idempotency key twice: as ``idempotency_key`` in the
-payload and as the envelope message id (``Sf-Msg-Id``), so a participant can
-dedupe by either. All attempts of one step use the same key.
+Every request carries the step's idempotency key (the same for every attempt and
+for re-runs after a coordinator crash) in three places, so a participant can
+dedupe by whichever it reads:
+
+* the payload field ``idempotency_key``;
+* the ``Sf-Idempotency-Key`` header;
+* the envelope message id (``Sf-Msg-Id``): ``<key>~<nonce>``, the key plus a fresh
+  suffix per send. A bare key would be the same on every attempt, and the signed
+  command path (:func:`bus.signing.check_fresh`, used by ``manager.auth``) rejects a
+  repeated message id as a replay: a retry would fail as ``unauthenticated``.
+  ``BusTransport(exact_msg_id=True)`` sends the bare key for participants that
+  dedupe by message id and do not check replays.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from pydantic import ValidationError
 from bus import codec, signing
 from bus.client import Identity
 from bus.connection import Bus
-from bus.envelope import Envelope
+from bus.envelope import Envelope, new_id
 from bus.errors import (
     BusTimeout,
     BusUnavailable,
@@ -36,6 +45,13 @@ from manager.saga.plan import RetryPolicy
 
 STEP_REQUEST_SCHEMA = "skyferry.v1.saga.step_request"
 IDEMPOTENCY_FIELD = "idempotency_key"
+IDEMPOTENCY_HEADER = Header.IDEMPOTENCY_KEY.value
+MSG_ID_SEPARATOR = "~"
+
+
+def key_of_msg_id(msg_id: str) -> str:
+    """The idempotency key inside a step request's message id."""
+    return msg_id.split(MSG_ID_SEPARATOR, 1)[0]
 
 
 class StepTransport(Protocol):
@@ -62,9 +78,10 @@ class StepTransport(Protocol):
 class BusTransport:
     """:class:`StepTransport` over NATS request/reply, signed with the coordinator's identity."""
 
-    def __init__(self, bus: Bus, identity: Identity) -> None:
+    def __init__(self, bus: Bus, identity: Identity, *, exact_msg_id: bool = False) -> None:
         self.bus = bus
         self.identity = identity
+        self.exact_msg_id = exact_msg_id
 
     async def request(
         self,
@@ -76,17 +93,19 @@ class BusTransport:
         correlation_id: str,
     ) -> dict[str, Any]:
         body = codec.encode({**payload, IDEMPOTENCY_FIELD: idempotency_key})
-        # bus.client.request_raw always mints a fresh message id; the step's must be its key.
+        # bus.client.request_raw mints a message id unrelated to the key, hence a request of our own.
+        msg_id = idempotency_key if self.exact_msg_id else f"{idempotency_key}{MSG_ID_SEPARATOR}{new_id()[:12]}"
         env = Envelope(
-            msg_id=idempotency_key,
+            msg_id=msg_id,
             correlation_id=correlation_id,
             actor=self.identity.actor,
             schema_name=STEP_REQUEST_SCHEMA,
         )
         if self.identity.seed:
             env = signing.sign(self.identity.seed, subject, env, body)
+        headers = {**env.to_headers(), IDEMPOTENCY_HEADER: idempotency_key}
         try:
-            msg = await self.bus.nc.request(subject, body, timeout=timeout, headers=env.to_headers())
+            msg = await self.bus.nc.request(subject, body, timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError as exc:
             raise NoResponders(f"no participant serves {subject}", details={"subject": subject}) from exc
         except nats.errors.TimeoutError as exc:

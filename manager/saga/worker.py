@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
@@ -20,28 +19,13 @@ import structlog
 
 from bus.client import Identity
 from bus.connection import Bus, BusConfig, ensure_streams
+from bus.logs import configure_logging
 from manager.saga.coordinator import SagaCoordinator, default_instance_id
 from manager.saga.leases import DEFAULT_LEASE_TTL_S
 from manager.saga.service import SagaService
 from manager.store.recorder import JetStreamRecorder
 
 log = structlog.get_logger(__name__)
-
-
-def configure_logging(level: str = "info") -> None:
-    """Key/value logs on stderr, one event per line."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"], sort_keys=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 async def serve(server: str, instance: str, lease_ttl_s: float, actor: str) -> None:
@@ -56,11 +40,13 @@ async def serve(server: str, instance: str, lease_ttl_s: float, actor: str) -> N
         coordinator = SagaCoordinator(
             bus, JetStreamRecorder(bus), Identity(actor=actor), instance_id=instance, lease_ttl_s=lease_ttl_s
         )
-        async with SagaService(bus, coordinator), asyncio.TaskGroup() as tg:
+        async with asyncio.TaskGroup() as tg:
             serving = tg.create_task(coordinator.serve(), name="saga-coordinator")
-            log.info("saga_worker_ready", instance=instance, server=server)
-            await stop.wait()
-            log.info("saga_worker_stopping", instance=instance, running=coordinator.running)
+            async with SagaService(bus, coordinator):
+                log.info("saga_worker_ready", instance=instance, server=server)
+                await stop.wait()
+                log.info("saga_worker_stopping", instance=instance, running=coordinator.running)
+            # No more commands; now cancel the runs (leases are released as they unwind).
             serving.cancel()
     finally:
         await bus.close()
@@ -68,6 +54,7 @@ async def serve(server: str, instance: str, lease_ttl_s: float, actor: str) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m manager.saga.worker", description="Skyferry saga coordinator.")
     parser.add_argument("--server", required=True, help="NATS URL(s), comma-separated")
     parser.add_argument(
@@ -79,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S, help="saga lease TTL in seconds")
     parser.add_argument("--actor", default="saga-coordinator", help="actor id recorded in events")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--json-logs", action="store_true", help="JSON log lines instead of key=value")
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, json=args.json_logs)
     try:
         asyncio.run(serve(args.server, args.instance or default_instance_id(), args.lease_ttl, args.actor))
     except KeyboardInterrupt:

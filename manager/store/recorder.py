@@ -291,6 +291,9 @@ class JetStreamRecorder:
             ),
         )
         try:
+            # Nothing to read for this filter: return now instead of waiting out a fetch timeout.
+            if (await sub.consumer_info()).num_pending == 0:
+                return
             while True:
                 try:
                     msgs = await sub.fetch(512, timeout=self.timeout)

@@ -39,8 +39,10 @@ async def test_stack_roles_and_restart(tmp_path: Path) -> None:
         await agent.nc.publish("sf.status.vna.v1", b"\x80")
         assert (await status.next_msg(timeout=2)).subject == "sf.status.vna.v1"
         await asyncio.sleep(0.2)
-        info = await cli.js.stream_info("SF_EVENTS")
-        assert info.state.messages == 2  # admin bootstrap + ov1
+        from manager.store import JetStreamRecorder
+
+        events = [e async for e in JetStreamRecorder(cli).read_all()]
+        assert [e.aggregate_id for e in events if e.aggregate_type == "overlay"] == ["ov1"]
         await agent.close()
         await cli.close()
     finally:
@@ -90,3 +92,37 @@ async def test_stack_projects_into_sqlite(tmp_path: Path) -> None:
         await stack.manager.projection_runner.wait_for(w.version, timeout=5)
         assert stack.manager.projector is not None
         assert await stack.manager.projector.count(overlays) == 1
+
+
+async def test_stack_runs_authenticated_sagas(tmp_path: Path) -> None:
+    from bus.errors import Forbidden, Unauthenticated
+    from bus.messages import MESSAGES as M
+    from bus.models import UserAccount
+    from manager.saga.service import SagaRef, SagaView, StartSaga
+    from manager.saga.testing import TestParticipant, chain_plan
+
+    async with Stack(tmp_path / "sg") as stack:
+        admin_seed = (stack.keys_dir / f"{ADMIN_ID}.nk").read_text().strip()
+        admin = Identity(ADMIN_ID, admin_seed)
+        cli = await Bus.connect(stack.bus_config(Role.CLI, "cli"))
+        comp = await Bus.connect(stack.bus_config(Role.COMPONENT, "participant"))
+        async with TestParticipant(comp, log_path=tmp_path / "effects.sqlite"):
+            plan = chain_plan("sg1", 3)
+            with pytest.raises(Unauthenticated):
+                await command(cli, "saga", "start", StartSaga(plan=plan), SagaView)
+            from bus import signing
+
+            seed = signing.generate_user_seed()
+            viewer = UserAccount(id="viewer", public_key=signing.public_key_of(seed), authorisations={"network-read"})
+            await command(cli, "manager", "user_create", M["user"].create(record=viewer), WriteResult, identity=admin)
+            with pytest.raises(Forbidden):
+                await command(cli, "saga", "start", StartSaga(plan=plan), SagaView, identity=Identity("viewer", seed))
+            await command(cli, "saga", "start", StartSaga(plan=plan), SagaView, identity=admin)
+            for _ in range(100):
+                view = await command(cli, "saga", "show", SagaRef(saga_id="sg1"), SagaView, identity=admin)
+                if view.status == "completed":
+                    break
+                await asyncio.sleep(0.1)
+            assert view.status == "completed"
+        await comp.close()
+        await cli.close()

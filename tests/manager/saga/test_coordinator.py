@@ -426,3 +426,45 @@ async def test_serve_runs_submitted_and_resumed_sagas(coordinator: SagaCoordinat
         await until(finished)
         serving.cancel()
     assert (await replayed(recorder, "late")).status is SagaStatus.COMPLETED
+
+
+async def test_unreadable_histories_are_listed_but_not_resumed(
+    coordinator: SagaCoordinator, recorder: MemoryRecorder
+) -> None:
+    await recorder.append("saga", "bad", NewEvent("skyferry.v1.saga.step_started", {"x": 1}), expected=0)
+    await coordinator.start_saga(chain_plan("good", 1))
+    assert await coordinator.find_unfinished() == ["good"]
+    assert (await coordinator.resume_all())["good"].status is SagaStatus.COMPLETED
+
+
+class GatedClock(FakeClock):
+    """A fake clock whose first sleep waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        if not self.gate.is_set():
+            self.waiting.set()
+            await self.gate.wait()
+        await super().sleep(seconds)
+
+
+async def test_pause_and_resume_seen_together_keep_the_backoff(
+    make_coordinator: MakeCoordinator, participant: ScriptedParticipant
+) -> None:
+    clock = GatedClock()
+    participant.script.do["s1"] = Behaviour(fail_times=2)
+    runner, other = make_coordinator("c1", clock=clock), make_coordinator("c2", clock=clock)
+    await runner.start_saga(chain_plan("pr1", 1))
+    task = asyncio.create_task(runner.run("pr1"))
+    await clock.waiting.wait()  # the runner sleeps its first backoff
+    await other.pause("pr1")
+    await other.resume("pr1")  # the runner sees both at its next append, at once
+    clock.gate.set()
+    state = await task
+    assert state.status is SagaStatus.COMPLETED
+    assert state.steps["s1"].attempts == 3
+    assert clock.sleeps == [0.05, 0.1]  # the second backoff was not skipped

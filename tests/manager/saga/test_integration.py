@@ -136,3 +136,94 @@ async def test_cancel_from_another_coordinator_interrupts_a_backoff(bus: Bus, tm
         serving.cancel()
     assert state.status is SagaStatus.COMPENSATED
     assert state.compensated == ["s1"]
+
+
+async def test_step_requests_carry_the_key_in_payload_header_and_message_id(bus: Bus) -> None:
+    from nats.aio.msg import Msg
+
+    from bus.subjects import Header
+    from manager.saga import ActionRef, SagaPlan, StepSpec
+    from manager.saga.transport import IDEMPOTENCY_HEADER, key_of_msg_id
+
+    seen: list[tuple[dict[str, str], dict[str, object]]] = []
+
+    async def participant(msg: Msg) -> None:
+        seen.append((dict(msg.headers or {}), codec.decode_mapping(msg.data)))
+        if len(seen) == 1:
+            return  # first attempt: no reply (times out), the retry must carry the same key
+        await msg.respond(codec.encode({"ok": True}))
+
+    sub = await bus.nc.subscribe("sf.agent.vna-1.configure", cb=participant)
+    plan = SagaPlan(
+        saga_id="hdr1",
+        name="headers",
+        steps=[
+            StepSpec(
+                step_id="cfg",
+                action=ActionRef(subject="sf.agent.vna-1.configure", payload={"vlan": 10}),
+                timeout_s=0.2,
+            )
+        ],
+    )
+    coordinator = make_coordinator(bus)
+    await coordinator.start_saga(plan)
+    state = await coordinator.run("hdr1")
+    await sub.unsubscribe()
+    assert state.status is SagaStatus.COMPLETED
+    assert state.steps["cfg"].result == {"ok": True}
+    assert len(seen) == 2
+    msg_ids = set()
+    for headers, payload in seen:
+        assert payload == {"vlan": 10, "idempotency_key": "hdr1:cfg:action"}
+        assert headers[IDEMPOTENCY_HEADER] == "hdr1:cfg:action"
+        assert key_of_msg_id(headers[Header.MSG_ID]) == "hdr1:cfg:action"
+        assert headers[Header.CORRELATION_ID] == "hdr1"
+        assert headers[Header.ACTOR] == "coordinator"
+        msg_ids.add(headers[Header.MSG_ID])
+    assert len(msg_ids) == 2  # a fresh message id per send: signed-command replay checks pass
+
+
+class SignedFresh:
+    """A participant-side authenticator like the manager's: signature plus replay check."""
+
+    def __init__(self, public_key: str) -> None:
+        from bus.signing import MemoryNonceStore
+
+        self.public_key = public_key
+        self.nonces = MemoryNonceStore()
+
+    async def authenticate(self, subject: str, envelope: object, body: bytes) -> str:
+        from bus import signing
+
+        signing.verify(self.public_key, subject, envelope, body)  # type: ignore[arg-type]
+        await signing.check_fresh(envelope, self.nonces)  # type: ignore[arg-type]
+        return "coordinator"
+
+
+@pytest.mark.parametrize("exact_msg_id", [False, True])
+async def test_retries_pass_a_replay_checking_participant(bus: Bus, tmp_path: Path, exact_msg_id: bool) -> None:
+    from bus import signing
+    from manager.saga import BusTransport, RetryPolicy
+
+    seed = signing.generate_user_seed()
+    identity = Identity(actor="coordinator", seed=seed)
+    script = Script(default=Behaviour(sleep_s=0.3))  # slower than the step timeout: the first attempt times out
+    auth = SignedFresh(signing.public_key_of(seed))
+    plan = chain_plan("sig1", 1, timeout_s=0.2, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05))
+    async with TestParticipant(bus, log_path=tmp_path / "sig.sqlite", script=script, authenticator=auth):
+        coordinator = SagaCoordinator(
+            bus,
+            JetStreamRecorder(bus),
+            identity,
+            transport=BusTransport(bus, identity, exact_msg_id=exact_msg_id),
+            instance_id="sig",
+        )
+        await coordinator.start_saga(plan)
+        state = await coordinator.run("sig1")
+    if exact_msg_id:
+        # The bare key as message id is the same on every attempt: the retry is refused as a replay.
+        assert state.status is SagaStatus.COMPENSATED
+        assert state.steps["s1"].error is not None and state.steps["s1"].error.code == "unauthenticated"
+    else:
+        assert state.status is SagaStatus.COMPLETED
+        assert [e.name for e in read_effects(tmp_path / "sig.sqlite")] == ["s1"]

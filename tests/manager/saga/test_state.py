@@ -247,3 +247,12 @@ def test_unknown_event_types_only_move_the_position() -> None:
 def test_inconsistent_histories_are_refused(events: list[SagaEvent]) -> None:
     with pytest.raises(SagaHistoryError):
         fold(stored("dia", events))
+
+
+def test_a_stored_plan_that_no_longer_validates_is_a_history_error() -> None:
+    (created,) = stored("old", [SagaCreated(at=T0, plan=chain_plan("old", 1))])
+    data = dict(created.data)
+    data["plan"] = {**data["plan"], "steps": [{**data["plan"]["steps"][0], "depends_on": ["s1"]}]}
+    broken = StoredEvent(**{**created.__dict__, "data": data})
+    with pytest.raises(SagaHistoryError):
+        fold([broken])

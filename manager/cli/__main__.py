@@ -1,0 +1,5 @@
+"""``python -m manager.cli``: the same as the ``skyferry`` console script."""
+
+from manager.cli import main
+
+main()
