@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from pathlib import Path
 import sys
 
 import structlog
@@ -28,9 +29,9 @@ from manager.store.recorder import JetStreamRecorder
 log = structlog.get_logger(__name__)
 
 
-async def serve(server: str, instance: str, lease_ttl_s: float, actor: str) -> None:
+async def serve(server: str, instance: str, lease_ttl_s: float, actor: str, nkey_file: Path | None = None) -> None:
     """Run one coordinator until SIGTERM/SIGINT."""
-    bus = await Bus.connect(BusConfig.from_url(server, name=f"saga-{instance}"))
+    bus = await Bus.connect(BusConfig.from_url(server, name=f"saga-{instance}", nkey_seed_file=nkey_file))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,12 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S, help="saga lease TTL in seconds")
     parser.add_argument("--actor", default="saga-coordinator", help="actor id recorded in events")
+    parser.add_argument("--nkey-file", type=Path, default=None, help="NATS connection seed (manager role)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--json-logs", action="store_true", help="JSON log lines instead of key=value")
     args = parser.parse_args(argv)
     configure_logging(args.log_level, json=args.json_logs)
     try:
-        asyncio.run(serve(args.server, args.instance or default_instance_id(), args.lease_ttl, args.actor))
+        asyncio.run(
+            serve(args.server, args.instance or default_instance_id(), args.lease_ttl, args.actor, args.nkey_file)
+        )
     except KeyboardInterrupt:
         sys.exit(130)
 
