@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import structlog
 
