@@ -101,7 +101,11 @@ class Bus:
         log_ = log.bind(servers=config.servers, name=config.name)
 
         async def on_disconnect() -> None:
-            log_.warning("bus_disconnected")
+            # A drain/close we asked for is not worth a warning.
+            if nc.is_closed or nc.is_draining:
+                log_.debug("bus_closed")
+            else:
+                log_.warning("bus_disconnected")
 
         async def on_reconnect() -> None:
             log_.info("bus_reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))

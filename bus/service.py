@@ -34,7 +34,10 @@ from bus.errors import (
     UnknownCommand,
     ValidationFailed,
 )
+from bus.idempotency import IdempotencyStore
 from bus.subjects import ContentType, Header
+
+IDEMPOTENCY_FIELD = "idempotency_key"
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +102,8 @@ class BusService:
     description: str = ""
     authenticator: Authenticator | None = None
     instance_metadata: dict[str, str] = field(default_factory=dict)
+    idempotency: IdempotencyStore | None = None
+    """Where successful replies are kept by idempotency key (saga steps); None: not kept."""
     _commands: dict[str, CommandSpec[Any, Any]] = field(default_factory=dict)
     _service: Service | None = None
     _catch_all: Subscription | None = None
@@ -213,6 +218,12 @@ class BusService:
             principal = None
             if self.authenticator is not None and not spec.public:
                 principal = await self.authenticator.authenticate(subject, envelope, data)
+            idem_key = _idempotency_key(raw_headers, payload, spec.request)
+            scope = f"{subject}|{envelope.actor or ''}"
+            if idem_key and self.idempotency is not None:
+                cached = await self.idempotency.get(scope, idem_key)
+                if cached is not None:
+                    return cached
             try:
                 request = spec.request.model_validate(payload)
             except ValidationError as exc:
@@ -237,7 +248,10 @@ class BusService:
                 Header.CORRELATION_ID.value: envelope.correlation_id or envelope.msg_id,
                 Header.CAUSATION_ID.value: envelope.msg_id,
             }
-            return codec.encode(result, ctype), headers
+            body = codec.encode(result, ctype)
+            if idem_key and self.idempotency is not None:
+                await self.idempotency.put(scope, idem_key, body, headers)
+            return body, headers
         except SkyferryError as err:
             log.info("command_refused", service=self.name, verb=spec.verb, code=str(err.code), error=err.message)
             return _error_message(err, ctype, raw_headers)
@@ -246,6 +260,15 @@ class BusService:
         except Exception as exc:
             log.exception("command_crashed", service=self.name, verb=spec.verb)
             return _error_message(InternalError(f"internal error: {exc!r}"), ctype, raw_headers)
+
+
+def _idempotency_key(headers: dict[str, str] | None, payload: dict[str, Any], model: type[BaseModel]) -> str | None:
+    """The request's idempotency key; a payload field the model does not declare is removed."""
+    key = (headers or {}).get(Header.IDEMPOTENCY_KEY)
+    if IDEMPOTENCY_FIELD not in model.model_fields:
+        field_value = payload.pop(IDEMPOTENCY_FIELD, None)
+        key = key or (str(field_value) if field_value is not None else None)
+    return key
 
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:

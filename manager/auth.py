@@ -13,7 +13,7 @@ from nats.js.kv import KeyValue
 from bus import signing
 from bus.connection import Bus
 from bus.envelope import Envelope
-from bus.errors import Unauthenticated
+from bus.errors import Forbidden, Unauthenticated
 from bus.models.users import Authorisation, UserAccount
 from manager.access import authorise
 
@@ -65,6 +65,8 @@ class SignatureAuthenticator:
         # Signature first: a forged message must not be able to burn a genuine message id.
         signing.verify(user.public_key, subject, envelope, body)
         await signing.check_fresh(envelope, self._nonces)
+        if user.disabled:
+            raise Forbidden(f"user {user.id!r} is disabled")
         return user
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from bus.connection import Bus
 from bus.errors import Forbidden, NotFound, ValidationFailed
+from bus.idempotency import KvIdempotencyStore
 from bus.kinds import KINDS, ROOT_KIND, Aggregate, RecordKind
 from bus.messages import (
     MESSAGES,
@@ -85,6 +86,7 @@ class ManagerService:
             VERSION,
             "Skyferry migration manager: maps, users, access control",
             authenticator=authenticator,
+            idempotency=await KvIdempotencyStore.open(self.bus),
         )
         for kind in KINDS.values():
             self._register_kind(svc, kind)

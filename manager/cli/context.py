@@ -7,7 +7,7 @@ then what ``<home>/stack.json`` and ``<home>/keys/`` say, then a default.
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -20,7 +20,7 @@ import structlog
 import typer
 from pydantic import BaseModel, ValidationError
 
-from bus import client
+from bus import client, subjects
 from bus.client import Identity
 from bus.connection import Bus, BusConfig
 from bus.errors import BusUnavailable, ErrorCode, SkyferryError
@@ -28,7 +28,7 @@ from bus.models import ModelError
 from bus.permissions import Role
 from manager.cli.errors import CliError, ExitCode, exit_code_of, local_error
 from manager.cli.output import Output, OutputFormat
-from manager.stack import StackInfo
+from manager.stack import StackInfo, default_state_dir
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ class Settings:
     def __post_init__(self) -> None:
         self.out = Output(self.output)
 
-    @property
+    @functools.cached_property
     def stack(self) -> StackInfo | None:
         """What ``<home>/stack.json`` says, if there is one."""
         try:
@@ -164,8 +164,6 @@ class Session:
 
     async def raw(self, service: str, verb: str, payload: BaseModel | dict[str, Any]) -> Any:
         """Call ``sf.cmd.<service>.<verb>`` and return the decoded reply as plain data."""
-        from bus import subjects
-
         _, data = await client.request_raw(
             self.bus,
             subjects.command(service, verb),
@@ -180,16 +178,31 @@ async def connect(config: BusConfig) -> Bus:
     """Connect without the daemon's reconnect chatter; failures become one clear error.
 
     Raises:
-        BusUnavailable: no server reachable, or the server refused the credentials.
+        CliError: the server refused the connection credentials (``unauthenticated``).
+        BusUnavailable: no server reachable.
     """
+    seen: list[Exception] = []
 
-    async def quiet(*_: Any) -> None:
-        log.debug("bus_connection_event", detail=repr(_))
+    async def on_error(exc: Exception) -> None:
+        seen.append(exc)
+        log.debug("bus_error", error=repr(exc))
+
+    async def quiet() -> None:
+        log.debug("bus_connection_event")
 
     urls = ", ".join(config.servers)
     try:
-        nc = await nats.connect(**config.connect_options(), error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet)
+        nc = await nats.connect(
+            **config.connect_options(), error_cb=on_error, disconnected_cb=quiet, reconnected_cb=quiet
+        )
     except Exception as exc:  # nats raises several unrelated types here
+        causes = [*seen, exc]
+        if any("authorization" in str(c).lower() or "authentication" in str(c).lower() for c in causes):
+            raise CliError(
+                f"the bus at {urls} refused the connection credentials (--nkey / --creds / keys/cli.nk)",
+                code=ErrorCode.UNAUTHENTICATED,
+                details={"servers": config.servers, "cause": repr(seen[-1] if seen else exc)},
+            ) from exc
         reason = str(exc) or type(exc).__name__
         raise BusUnavailable(
             f"cannot reach the bus at {urls} ({reason}); is `skyferry up` running? (--server / SKYFERRY_NATS_URL)",
@@ -261,6 +274,4 @@ def run_session(
 
 def default_home() -> Path:
     """``SKYFERRY_HOME`` or the per-user state directory."""
-    from manager.stack import default_state_dir
-
-    return Path(os.path.expanduser(str(default_state_dir())))
+    return default_state_dir().expanduser()

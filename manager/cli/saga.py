@@ -6,11 +6,13 @@ working while the saga service's views grow new fields.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from manager.cli.context import Session, run_session
+from manager.cli.crud import read_data
 from manager.cli.output import Column
 
 SERVICE = "saga"
@@ -65,6 +67,18 @@ def saga_list(
             s.out.table("Sagas", SAGA_COLUMNS, sagas)
         else:
             s.out.document(reply)
+
+    run_session(ctx, body)
+
+
+@saga_app.command("start")
+def saga_start(
+    ctx: typer.Context, file: Annotated[Path, typer.Argument(help="The saga plan as YAML or JSON.")]
+) -> None:
+    """Start a saga from a plan file (steps with actions, compensations, dependencies)."""
+
+    async def body(s: Session) -> None:
+        render_saga(s, await s.raw(SERVICE, "start", {"plan": read_data(file)}))
 
     run_session(ctx, body)
 

@@ -18,7 +18,7 @@ from manager.cli.context import Session, run_session
 from manager.cli.crud import KindCli, add_record_commands, create_record, modify_record, show_write
 from manager.cli.errors import CliError
 from manager.cli.views import USER_COLUMNS
-from manager.stack import ADMIN_ID
+from manager.stack import ADMIN_ID, SAGA_ACCOUNT
 
 user_app = typer.Typer(help="User accounts: signing keys, groups, authorisations.", no_args_is_help=True)
 add_record_commands(
@@ -26,7 +26,7 @@ add_record_commands(
 )
 
 #: Key files a new user's seed must never replace by default: the stack's own seeds.
-RESERVED_KEY_NAMES = frozenset({*(r.value for r in Role), ADMIN_ID})
+RESERVED_KEY_NAMES = frozenset({*(r.value for r in Role), ADMIN_ID, SAGA_ACCOUNT})
 
 AuthOpt = Annotated[
     list[Authorisation] | None,

@@ -24,13 +24,27 @@ from manager.store.recorder import stored_from_message
 log = structlog.get_logger(__name__)
 
 
+# Subjects already checked to be ``sf.evt.<aggregate>.<id>`` with subject-safe tokens (bounded).
+_GOOD_SUBJECTS: dict[str, None] = {}
+_GOOD_SUBJECTS_MAX = 50_000
+
+
+def _check_subject(subject: str) -> None:
+    if subject in _GOOD_SUBJECTS:
+        return
+    agg_type, agg_id = subjects.parse_event_subject(subject)
+    subjects.token(agg_type)
+    subjects.token(agg_id)
+    if len(_GOOD_SUBJECTS) >= _GOOD_SUBJECTS_MAX:
+        _GOOD_SUBJECTS.clear()
+    _GOOD_SUBJECTS[subject] = None
+
+
 def decode_message(msg: Msg) -> Incoming:
     """A JetStream message of ``SF_EVENTS`` as a stored event, or as undecodable (never raises)."""
     seq = int(msg.metadata.sequence.stream)
     try:
-        agg_type, agg_id = subjects.parse_event_subject(msg.subject)
-        subjects.token(agg_type)
-        subjects.token(agg_id)
+        _check_subject(msg.subject)
         return stored_from_message(msg.subject, seq, msg.headers, msg.data)
     except (ValueError, SkyferryError) as exc:  # bad subject, timestamp, content type or payload
         return UndecodableEvent(position=seq, subject=msg.subject, error=str(exc))
@@ -39,7 +53,7 @@ def decode_message(msg: Msg) -> Incoming:
 class StreamReader:
     """Replays ``SF_EVENTS`` in order for :meth:`Projector.rebuild`, keeping undecodable messages."""
 
-    def __init__(self, bus: Bus, *, stream: str = EVENTS_STREAM, batch: int = 512, timeout: float = 5.0) -> None:
+    def __init__(self, bus: Bus, *, stream: str = EVENTS_STREAM, batch: int = 2048, timeout: float = 5.0) -> None:
         self.bus = bus
         self.stream = stream
         self.batch = batch

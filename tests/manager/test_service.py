@@ -148,3 +148,19 @@ async def test_application_import_export_and_state_machine(admin: Client) -> Non
     assert node.id not in {n.id for n in after.map.nodes}
     before = await admin("app_export", AppExport(id=app_id, as_of_position=w.version), AppMapView)
     assert node.id in {n.id for n in before.map.nodes}
+
+
+async def test_idempotency_key_runs_a_command_once(admin: Client, manager: tuple) -> None:  # type: ignore[type-arg]
+    from bus.client import request_raw
+    from bus.subjects import command as cmd_subject
+
+    payload = {"record": {"id": "idem", "name": "once"}, "idempotency_key": "saga1:s1:action"}
+    _, first = await request_raw(admin.bus, cmd_subject("manager", "overlay_create"), payload, identity=admin.identity)
+    # A re-run (new message id, same key) gets the stored reply instead of AlreadyExists.
+    _, again = await request_raw(admin.bus, cmd_subject("manager", "overlay_create"), payload, identity=admin.identity)
+    assert first == again and first["id"] == "idem"
+    app = manager[0]
+    events = [e async for e in app.repo.recorder.read_all(aggregate_type="overlay")]
+    assert len(events) == 1
+    with pytest.raises(AlreadyExists):  # without the key it is a new command
+        await admin("overlay_create", OV.create(record=OverlayNetwork(id="idem", name="x")), WriteResult)
