@@ -33,7 +33,7 @@ def build_document(
             models[req], models[resp] = spec.request, spec.response
             ch = f"{svc.name}_{verb}"
             channels[ch] = {
-                "address": subjects.command(svc.name, verb),
+                "address": f"{svc.prefix}.{verb}",
                 "description": spec.description,
                 "messages": {
                     "request": {"$ref": f"#/components/messages/{req}"},

@@ -102,6 +102,8 @@ class BusService:
     description: str = ""
     authenticator: Authenticator | None = None
     instance_metadata: dict[str, str] = field(default_factory=dict)
+    subject_prefix: str | None = None
+    """Subject prefix of the endpoints; default ``sf.cmd.<name>`` (agents use ``sf.agent.<id>``)."""
     idempotency: IdempotencyStore | None = None
     """Where successful replies are kept by idempotency key (saga steps); None: not kept."""
     _commands: dict[str, CommandSpec[Any, Any]] = field(default_factory=dict)
@@ -150,7 +152,7 @@ class BusService:
 
     @property
     def prefix(self) -> str:
-        return subjects.command_group(self.name)
+        return self.subject_prefix or subjects.command_group(self.name)
 
     async def start(self) -> None:
         """Register the micro service and its endpoints."""
@@ -167,7 +169,7 @@ class BusService:
         for spec in self._commands.values():
             await self._service.add_endpoint(
                 name=spec.verb,
-                subject=subjects.command(self.name, spec.verb),
+                subject=f"{self.prefix}.{spec.verb}",
                 handler=self._make_handler(spec),
                 metadata=spec.metadata(),
             )
