@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     INVALID_STATE = "invalid_state"
     UNAVAILABLE = "unavailable"
     TIMEOUT = "timeout"
+    UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
 
 
@@ -154,6 +155,12 @@ class RemoteTimeout(RemoteError):
     retryable = True
 
 
+class Unsupported(RemoteError):
+    """The platform lacks a feature (e.g. 802.1q on this kernel)."""
+
+    code = ErrorCode.UNSUPPORTED
+
+
 class InternalError(RemoteError):
     code = ErrorCode.INTERNAL
 
@@ -171,6 +178,7 @@ _BY_CODE: dict[ErrorCode, type[RemoteError]] = {
     ErrorCode.INVALID_STATE: InvalidState,
     ErrorCode.UNAVAILABLE: RemoteUnavailable,
     ErrorCode.TIMEOUT: RemoteTimeout,
+    ErrorCode.UNSUPPORTED: Unsupported,
     ErrorCode.INTERNAL: InternalError,
 }
 

@@ -76,7 +76,9 @@ class TunnelAdd(VnaMessage):
     listen: HostPort | None = Field(default=None, description="server: local address to listen on")
     connect: HostPort | None = Field(default=None, description="client: the server's address")
     local: str | None = Field(default=None, description="vxlan: local underlay address")
-    peers: list[PeerKey] = Field(default_factory=list, description="allowed peers (server) / the server (client)")
+    peer: PeerKey | None = Field(
+        default=None, description="the one peer this tunnel accepts (server) or dials (client)"
+    )
     vni: int | None = Field(default=None, ge=1, le=16_777_215, description="vxlan network identifier")
     path_mtu: int = Field(default=1500, ge=576, le=65_535)
 

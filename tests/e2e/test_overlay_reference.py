@@ -1,0 +1,56 @@
+"""The reference's example: LAN 1 of two data centers joined to OVNET 10 over an encrypted tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bus.errors import Unsupported
+from bus.messages import Empty
+from bus.vna import Ack, SegmentJoin, VnaStatus
+from tests.e2e.overlay_fixtures import needs_root, tcp_transfer, vnas_for  # noqa: F401
+
+pytestmark = [needs_root, pytest.mark.root]
+
+
+async def _ping_ok(vn, src: str, dst: str, tries: int = 20) -> bool:  # type: ignore[no-untyped-def]
+    for _ in range(tries):
+        if (await asyncio.to_thread(vn.lab.ping, src, dst, count=1, timeout=0.5)).ok:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("mode", ["stream", "datagram"])
+async def test_asw_reaches_wsw_across_data_centers(vnas_for, mode: str) -> None:  # type: ignore[no-untyped-def]
+    vn = await vnas_for("lab-reference.yaml")
+    lab = vn.lab
+    assert lab.arp("asw", "eth0", "10.1.1.10") is None  # no overlay: not even ARP crosses
+    for vna in ("vna1", "vna2"):
+        await vn.join(vna, "ovnet10", "lan1")
+    await vn.connect("ovnet10", server="vna2", client="vna1", mode=mode)
+    assert await _ping_ok(vn, "asw", "10.1.1.10")
+    # ARP found WSW's own MAC: it is on the same LAN as far as ASW can tell.
+    assert lab.arp("asw", "eth0", "10.1.1.10") == lab.mac("wsw", "eth0")
+    sent, received = await asyncio.to_thread(tcp_transfer, lab, "asw", "wsw", "10.1.1.10")
+    assert sent == received
+    status = await vn.cmd("vna1", "status", Empty(), VnaStatus)
+    (tun,) = status.tunnels
+    assert tun.bytes_out > 2_000_000 and tun.overlay_mtu and tun.overlay_mtu >= 1500
+    macs = status.switches[0].macs
+    assert macs.get(lab.mac("wsw", "eth0")) not in (None, lab.link("vna1", "lan1"))
+
+
+async def test_vlan_join_is_refused_clearly_without_8021q(vnas_for) -> None:  # type: ignore[no-untyped-def]
+    vn = await vnas_for("lab-reference.yaml")
+    status = await vn.cmd("vna1", "status", Empty(), VnaStatus)
+    if status.capabilities["vlan_8021q"]:
+        pytest.skip("this kernel has 802.1q")
+    await vn.join("vna1", "ovnet10", "lan1")
+    with pytest.raises(Unsupported, match="802.1q"):
+        await vn.cmd(
+            "vna1",
+            "segment_join",
+            SegmentJoin(overlay_id="ovnet10", interface=vn.lab.link("vna1", "lan1"), vlan_id=10),
+            Ack,
+        )

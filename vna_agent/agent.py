@@ -1,0 +1,354 @@
+"""The VNA agent: one software switch per overlay, segment joins, tunnels, discovery, flows, conflicts.
+
+Domain logic lives here; :mod:`vna_agent.service` puts it on the bus. All data-plane
+objects are created and driven on a :class:`~vna_agent.netns.NetnsLoop` (the VNA's
+namespace in the lab, the host otherwise).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pyroute2 import AsyncIPRoute
+
+from bus.errors import AlreadyExists, NotFound, Unsupported, ValidationFailed
+from bus.vna import (
+    Conflict,
+    ConflictKind,
+    DiscoveredHost,
+    DiscoveredLan,
+    Discovery,
+    FlowRecord,
+    FlowStats,
+    PortStatus,
+    SegmentJoin,
+    SwitchStatus,
+    TunnelAdd,
+    TunnelMode,
+    TunnelRole,
+    TunnelStatus,
+    VnaStatus,
+)
+from vna_agent.conflicts import MacTracker
+from vna_agent.dataplane import Peer, PublicKey, StaticKeyPair, Switch, Tunnel, TunnelConfig
+from vna_agent.dataplane import Role as DpRole
+from vna_agent.dataplane import TunnelMode as DpMode
+from vna_agent.dataplane.vxlan import VxlanSpec
+from vna_agent.flows import FlowTable
+from vna_agent.netns import NetnsLoop
+
+log = structlog.get_logger(__name__)
+
+
+def short_name(prefix: str, ident: str) -> str:
+    """A stable interface name (<= 15 chars) for an overlay or tunnel id."""
+    return f"{prefix}{hashlib.sha1(ident.encode()).hexdigest()[:10]}"
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def kernel_capabilities() -> dict[str, bool]:
+    """What this kernel offers the data plane (probed from /proc and /sys)."""
+    mods = Path("/proc/modules").read_text() if Path("/proc/modules").exists() else ""
+    return {
+        "tap": os.path.exists("/dev/net/tun"),
+        "bridge": True,
+        "vxlan": True,
+        "vlan_8021q": os.path.exists("/proc/net/vlan") or " 8021q " in f" {mods} ",
+        "wireguard": "wireguard" in mods,
+    }
+
+
+@dataclass
+class OverlaySwitch:
+    overlay_id: str
+    switch: Switch
+    mtu: int
+    segments: set[str] = field(default_factory=set)
+    flows: FlowTable = field(default_factory=lambda: FlowTable(""))
+    macs: MacTracker = field(default_factory=MacTracker)
+
+
+@dataclass
+class TunnelEntry:
+    spec: TunnelAdd
+    tunnel: Tunnel
+
+
+class VnaAgent:
+    """State and operations of one VNA."""
+
+    def __init__(self, vna_id: str, state_dir: Path, *, netns: str | None = None) -> None:
+        self.vna_id = vna_id
+        self.state_dir = state_dir
+        self.netns = netns
+        self.loop = NetnsLoop(netns)
+        self.switches: dict[str, OverlaySwitch] = {}
+        self.tunnels: dict[str, TunnelEntry] = {}
+        self.identity = self._load_identity()
+        self.capabilities = kernel_capabilities()
+
+    def _load_identity(self) -> StaticKeyPair:
+        path = self.state_dir / "identity.key"
+        if path.exists():
+            return StaticKeyPair.load(path)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        kp = StaticKeyPair.generate()
+        kp.save(path)
+        return kp
+
+    def start(self) -> None:
+        self.loop.start()
+
+    async def close(self) -> None:
+        for tid in list(self.tunnels):
+            await self.tunnel_remove(tid)
+        for ov in list(self.switches):
+            await self.switch_remove(ov)
+        self.loop.stop()
+
+    # --- switches and segments ------------------------------------------------------------------
+
+    async def switch_create(self, overlay_id: str, mtu: int) -> OverlaySwitch:
+        if overlay_id in self.switches:
+            return self.switches[overlay_id]
+        sw = Switch(short_name("sfo", overlay_id))
+        await self.loop.run(sw.create(mtu=mtu))
+        entry = OverlaySwitch(overlay_id, sw, mtu, flows=FlowTable(overlay_id))
+        self.switches[overlay_id] = entry
+        log.info("switch_created", vna=self.vna_id, overlay=overlay_id, bridge=sw.name)
+        return entry
+
+    def _switch(self, overlay_id: str) -> OverlaySwitch:
+        sw = self.switches.get(overlay_id)
+        if sw is None:
+            raise NotFound(f"no switch for overlay {overlay_id!r} on {self.vna_id}")
+        return sw
+
+    async def switch_remove(self, overlay_id: str) -> None:
+        sw = self._switch(overlay_id)
+        for tid, t in list(self.tunnels.items()):
+            if t.spec.overlay_id == overlay_id:
+                await self.tunnel_remove(tid)
+        for seg in list(sw.segments):
+            await self.segment_leave(overlay_id, seg)
+        await self.loop.run(sw.switch.delete())
+        del self.switches[overlay_id]
+
+    async def segment_join(self, req: SegmentJoin) -> None:
+        sw = self._switch(req.overlay_id)
+        if req.vlan_id is not None and not self.capabilities["vlan_8021q"]:
+            raise Unsupported(
+                "802.1q VLAN devices are not available on this kernel; join the VLAN's own bridge or "
+                "interface untagged instead",
+                details={"vlan_id": req.vlan_id, "interface": req.interface},
+            )
+        ifname = req.interface
+        if req.vlan_id is not None:
+            ifname = await self.loop.run(_make_vlan(req.interface, req.vlan_id))
+        for other in self.switches.values():
+            if ifname in other.segments:
+                raise AlreadyExists(f"{ifname} is already joined to overlay {other.overlay_id}")
+        await self.loop.run(sw.switch.add_port(ifname, mtu=sw.mtu))
+        sw.segments.add(ifname)
+
+    async def segment_leave(self, overlay_id: str, interface: str) -> None:
+        sw = self._switch(overlay_id)
+        if interface not in sw.segments:
+            raise NotFound(f"{interface} is not joined to {overlay_id}")
+        await self.loop.run(sw.switch.remove_port(interface))
+        sw.segments.discard(interface)
+
+    async def mac_flush(self, overlay_id: str, mac: str) -> int:
+        sw = self._switch(overlay_id)
+        return int(await self.loop.run(sw.switch.flush_mac(mac)))
+
+    # --- tunnels --------------------------------------------------------------------------------
+
+    async def tunnel_add(self, req: TunnelAdd) -> Tunnel:
+        if req.tunnel_id in self.tunnels:
+            raise AlreadyExists(f"tunnel {req.tunnel_id!r} exists")
+        sw = self._switch(req.overlay_id)
+        cfg = self._tunnel_config(req, sw)
+        peer = None
+        if req.peer is not None:
+            peer = Peer(req.peer.name, PublicKey.from_b64(req.peer.public_key))
+        elif req.mode in (TunnelMode.STREAM, TunnelMode.DATAGRAM):
+            raise ValidationFailed("encrypted tunnels need the peer's public key")
+        tunnel = Tunnel(cfg, identity=self.identity, peer=peer, flow_hook=sw.flows.hook)
+        await self.loop.run(tunnel.start())
+        self.tunnels[req.tunnel_id] = TunnelEntry(req, tunnel)
+        log.info("tunnel_added", vna=self.vna_id, tunnel=req.tunnel_id, mode=req.mode.value, role=req.role.value)
+        return tunnel
+
+    def _tunnel_config(self, req: TunnelAdd, sw: OverlaySwitch) -> TunnelConfig:
+        role = DpRole.SERVER if req.role is TunnelRole.SERVER else DpRole.CLIENT
+        addr_text = req.listen if role is DpRole.SERVER else req.connect
+        if req.mode is TunnelMode.VXLAN:
+            if not (req.connect and req.local and req.vni):
+                raise ValidationFailed("vxlan tunnels need connect (remote), local and vni")
+            remote, port = _hostport(req.connect)
+            spec = VxlanSpec(
+                name=short_name("sfx", req.tunnel_id),
+                vni=req.vni,
+                remote=remote,
+                local=req.local,
+                port=port,
+                underlay_mtu=req.path_mtu,
+            )
+            return TunnelConfig(
+                name=req.tunnel_id, mode=DpMode.VXLAN, role=role, bridge=sw.switch.name, vxlan=spec, mtu=sw.mtu
+            )
+        if not addr_text:
+            raise ValidationFailed(f"a tunnel {role.value} needs {'listen' if role is DpRole.SERVER else 'connect'}")
+        return TunnelConfig(
+            name=req.tunnel_id,
+            mode=DpMode(req.mode.value),
+            role=role,
+            address=_hostport(addr_text),
+            bridge=sw.switch.name,
+            tap=short_name("sft", req.tunnel_id),
+            mtu=sw.mtu,
+            path_mtu=req.path_mtu,
+        )
+
+    async def tunnel_remove(self, tunnel_id: str) -> None:
+        entry = self.tunnels.pop(tunnel_id, None)
+        if entry is None:
+            raise NotFound(f"no tunnel {tunnel_id!r}")
+        await self.loop.run(entry.tunnel.stop())
+
+    # --- views ----------------------------------------------------------------------------------
+
+    def tunnel_status(self, entry: TunnelEntry) -> TunnelStatus:
+        st: dict[str, Any] = entry.tunnel.status()
+        session = st.get("session") or {}
+        last_hs = st.get("last_handshake")
+        return TunnelStatus(
+            tunnel_id=entry.spec.tunnel_id,
+            overlay_id=entry.spec.overlay_id,
+            role=entry.spec.role,
+            mode=entry.spec.mode,
+            state=str(st.get("state", "unknown")),
+            peer=session.get("peer") or (entry.spec.peer.name if entry.spec.peer else None),
+            overlay_mtu=(st.get("mtu") or {}).get("overlay_mtu"),
+            bytes_in=int(st.get("bytes_in", 0)),
+            bytes_out=int(st.get("bytes_out", 0)),
+            records_in=int(st.get("records_in", 0)),
+            records_out=int(st.get("records_out", 0)),
+            drops={k: int(v) for k, v in (st.get("drops") or {}).items()},
+            last_handshake=dt.datetime.fromtimestamp(last_hs, dt.UTC) if isinstance(last_hs, int | float) else None,
+        )
+
+    async def switch_status(self, sw: OverlaySwitch) -> SwitchStatus:
+        ports = await self.loop.run(sw.switch.ports())
+        fdb = await self.loop.run(sw.switch.fdb())
+        kinds = {t.tunnel.config.tap_name: "tunnel" for t in self.tunnels.values()}
+        return SwitchStatus(
+            overlay_id=sw.overlay_id,
+            bridge=sw.switch.name,
+            mtu=sw.mtu,
+            ports=[PortStatus(name=p, kind=kinds.get(p, "segment" if p in sw.segments else "other")) for p in ports],
+            macs={e.mac: e.port for e in fdb if not e.local and not e.static},
+        )
+
+    async def status(self) -> VnaStatus:
+        switches = [await self.switch_status(sw) for sw in self.switches.values()]
+        tunnels = [self.tunnel_status(t) for t in self.tunnels.values()]
+        health = "ok" if all(t.state in ("up", "established", "running") for t in tunnels) else "degraded"
+        return VnaStatus(
+            vna_id=self.vna_id, health=health, switches=switches, tunnels=tunnels, capabilities=self.capabilities
+        )
+
+    async def discover(self) -> Discovery:
+        lans = await self.loop.run(_discover())
+        return Discovery(vna_id=self.vna_id, lans=lans)
+
+    def flow_stats(self, sw: OverlaySwitch) -> tuple[FlowStats, list[Conflict]]:
+        start, end, counts, ip_conflicts = sw.flows.drain()
+        flows = [
+            FlowRecord(src_mac=k[0], dst_mac=k[1], src_ip=k[2], dst_ip=k[3], packets=v[0], bytes=v[1])
+            for k, v in sorted(counts.items(), key=lambda kv: -kv[1][1])
+        ]
+        tunnels = [self.tunnel_status(t) for t in self.tunnels.values() if t.spec.overlay_id == sw.overlay_id]
+        now = dt.datetime.now(dt.UTC)
+        conflicts = [
+            Conflict(
+                vna_id=self.vna_id,
+                overlay_id=sw.overlay_id,
+                kind=ConflictKind.IP_DUPLICATE,
+                ip=ip,
+                macs=[a, b],
+                time=now,
+                detail=f"{ip} answered by {a} and {b}",
+            )
+            for ip, a, b in ip_conflicts
+        ]
+        stats = FlowStats(
+            vna_id=self.vna_id,
+            overlay_id=sw.overlay_id,
+            interval_start=dt.datetime.fromtimestamp(start, dt.UTC),
+            interval_end=dt.datetime.fromtimestamp(end, dt.UTC),
+            flows=flows,
+            tunnels=tunnels,
+        )
+        return stats, conflicts
+
+    async def mac_conflicts(self) -> list[Conflict]:
+        out: list[Conflict] = []
+        now = dt.datetime.now(dt.UTC)
+        for sw in self.switches.values():
+            fdb = await self.loop.run(sw.switch.fdb())
+            table = {e.mac: e.port for e in fdb if not e.local and not e.static}
+            for obs in sw.macs.update(table, time.monotonic()):
+                out.append(
+                    Conflict(
+                        vna_id=self.vna_id,
+                        overlay_id=sw.overlay_id,
+                        kind=obs.kind,
+                        mac=obs.mac,
+                        ports=obs.ports,
+                        time=now,
+                        detail=f"{obs.mac}: {' -> '.join(obs.ports)}",
+                    )
+                )
+        return out
+
+
+async def _make_vlan(parent: str, vlan_id: int) -> str:
+    name = f"{parent[:10]}.{vlan_id}"
+    async with AsyncIPRoute() as ipr:
+        idx = (await ipr.link_lookup(ifname=parent))[0]
+        await ipr.link("add", ifname=name, kind="vlan", link=idx, vlan_id=vlan_id)
+        await ipr.link("set", ifname=name, state="up")
+    return name
+
+
+async def _discover() -> list[DiscoveredLan]:
+    from vna_agent.dataplane.switch import collect
+
+    async with AsyncIPRoute() as ipr:
+        links = {m["index"]: m.get_attr("IFLA_IFNAME") for m in await collect(await ipr.get_links())}
+        addrs: dict[int, list[str]] = {}
+        for a in await collect(await ipr.get_addr()):
+            addrs.setdefault(a["index"], []).append(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+        hosts: dict[int, list[DiscoveredHost]] = {}
+        for n in await collect(await ipr.get_neighbours()):
+            ip, mac = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
+            if ip and mac and n["ifindex"] in links:
+                hosts.setdefault(n["ifindex"], []).append(DiscoveredHost(ip=ip, mac=mac, interface=links[n["ifindex"]]))
+    return [
+        DiscoveredLan(interface=name, subnets=sorted(addrs.get(idx, [])), hosts=hosts.get(idx, []))
+        for idx, name in sorted(links.items())
+        if name != "lo"
+    ]

@@ -1,0 +1,631 @@
+"""Datagram tunnel over UDP (inside a data center).
+
+Wire, one UDP payload each:
+
+* handshake messages as they are (retransmitted by the initiator with
+  backoff until answered);
+* a record that fits one datagram, as it is (``DATA``/``PLAIN``);
+* a bigger record split into ``PIECE`` messages::
+
+      type=6 | piece index | piece count | 0 | receiver index (4)
+      | counter low 32 bits (4) | byte offset in the record (4) | record bytes
+
+  All pieces but the last are the same size, so one ``sendmsg`` with
+  ``UDP_SEGMENT`` (GSO) sends a run of them; the receiver enables
+  ``UDP_GRO`` and gets runs back in one ``recvmsg`` with the segment size
+  in a control message. The record (and its AEAD tag) is checked only once
+  reassembled. IP fragmentation is never used (DF is set, pieces are sized
+  from the path MTU).
+
+**Loss:** one lost piece loses the whole record; with TSO superpackets that
+is up to 64 KiB of inner TCP data, which the inner TCP then retransmits.
+Partial records are dropped (counter ``incomplete``) when they age out or
+when more than ``MAX_PARTIALS`` are open.
+
+Each side sends an empty keepalive record when it has sent nothing for
+``policy.keepalive`` seconds; the initiator re-handshakes when it has heard
+nothing for ``2 * keepalive + rekey_timeout``. The responder learns (and
+follows, on every authenticated record) the initiator's address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any
+
+import structlog
+
+from .errors import HandshakeError, LinkDown, RecordError, TransportError
+from .link import Backoff, FrameSink, set_buffers
+from .mtu import max_datagram
+from .session import Channel, RekeyPolicy
+from .stats import DropReason, TunnelState
+from .wire import MAX_RECORD, PIECE_HEADER, RECORD_HEADER, MsgType
+
+log = structlog.get_logger("vna_agent.dataplane.datagram")
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+IP_MTU = 14
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DO = 2
+IPV6_MTU = 24
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_DO = 2
+MAX_GSO_SEGMENTS = 64
+MAX_GSO_BYTES = 65000
+MAX_PIECES = 255
+MAX_PARTIALS = 16
+PARTIAL_TTL = 1.0
+RX_BATCH = 64
+SOCKET_BUFFER = 8 << 20
+_PIECE = int(MsgType.PIECE)
+_DATA = int(MsgType.DATA)
+_PLAIN = int(MsgType.PLAIN)
+_INIT = int(MsgType.INITIATION)
+_RESP = int(MsgType.RESPONSE)
+_PH = PIECE_HEADER.size
+_ANC = socket.CMSG_SPACE(4)
+_EMPTY = memoryview(b"")
+_UP = TunnelState.UP
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # the IntFlag's __and__ costs microseconds per datagram
+
+Address = tuple[Any, ...]
+
+
+@functools.cache
+def _packer(count: int) -> struct.Struct:
+    """One struct for all piece headers of a record: one C call instead of one per piece."""
+    return struct.Struct("!" + PIECE_HEADER.format.lstrip("!") * count)
+
+
+def _fmt(addr: Address | None) -> str | None:
+    return f"{addr[0]}:{addr[1]}" if addr else None
+
+
+class _Partial:
+    __slots__ = ("buf", "count", "created", "got", "mask", "mv", "size")
+
+    def __init__(self, buf: bytearray, count: int) -> None:
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.count = count
+        self.got = 0
+        self.mask = 0
+        self.size = -1
+        self.created = time.monotonic()
+
+
+class DatagramLink:
+    """UDP endpoint for one peer (see module docstring).
+
+    Args:
+        channel: record codec (secure or plain).
+        sink: the tunnel.
+        bind: local (host, port) to bind; port 0 for any.
+        remote: the server's (host, port) for the initiating side; ``None`` on the server.
+        path_mtu: underlay path MTU; ``None`` asks the kernel (connected socket) or assumes 1500.
+        gso / gro: use UDP_SEGMENT / UDP_GRO when the kernel has them.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        sink: FrameSink,
+        *,
+        bind: tuple[str, int] = ("0.0.0.0", 0),
+        remote: tuple[str, int] | None = None,
+        policy: RekeyPolicy | None = None,
+        path_mtu: int | None = None,
+        gso: bool = True,
+        gro: bool = True,
+    ) -> None:
+        self.channel = channel
+        self.sink = sink
+        self.bind = bind
+        self.remote = remote
+        self.policy = policy or RekeyPolicy()
+        self.initiator = remote is not None
+        self._cfg_mtu = path_mtu
+        self.gso = gso
+        self.gro = gro
+        self.sock: socket.socket | None = None
+        self.peer: Address | None = None
+        self._ipv6 = False
+        self.path_mtu = path_mtu or 1500
+        self._max_dgram = 0
+        self._chunk = 0
+        self._rec = bytearray(MAX_RECORD)
+        self._rec_mv = memoryview(self._rec)
+        self._ph = bytearray(_PH * MAX_PIECES)
+        self._ph_mv = memoryview(self._ph)
+        self._rx = bytearray(1 << 17)
+        self._rx_mv = memoryview(self._rx)
+        self._partials: dict[tuple[int, int], _Partial] = {}
+        self._src_slices: dict[int, list[memoryview]] = {}
+        self._iov_template: list[memoryview] = []
+        self._hdr_args: list[int] = []
+        self._pool: list[bytearray] = []
+        self._queue: deque[tuple[bytes, int, Address | None]] = deque()
+        self._writer = False
+        self._last_tx = 0.0
+        self._last_rx = 0.0
+        self._hs_backoff = Backoff(initial=0.25, maximum=self.policy.rekey_timeout, jitter=0.2)
+        self._next_hs = 0.0
+        self._set_mtu(self.path_mtu)
+
+    # -- setup -------------------------------------------------------------------
+
+    def _set_mtu(self, mtu: int) -> None:
+        self.path_mtu = mtu
+        self._max_dgram = max_datagram(mtu, ipv6=self._ipv6)
+        chunk = self._chunk = self._max_dgram - _PH
+        if chunk <= 0:
+            return
+        # Per-piece work is the datagram path's cost: precompute the sendmsg
+        # vector (header slot, record slice, ...) and the header fields.
+        phv, rec = self._ph_mv, self._rec_mv
+        npieces = min(MAX_PIECES, -(-MAX_RECORD // chunk))
+        self._iov_template = [
+            v for i in range(npieces) for v in (phv[i * _PH : (i + 1) * _PH], rec[i * chunk : (i + 1) * chunk])
+        ]
+        self._hdr_args = [v for i in range(npieces) for v in (_PIECE, i, 0, 0, 0, 0, i * chunk)]
+
+    @property
+    def bound_port(self) -> int:
+        if self.sock is None:
+            raise TransportError("not bound")
+        return int(self.sock.getsockname()[1])
+
+    async def open(self) -> None:
+        """Create, tune and bind the socket; start reading."""
+        host = self.remote[0] if self.remote else self.bind[0]
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        family = infos[0][0]
+        self._ipv6 = family == socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            set_buffers(sock, SOCKET_BUFFER)
+            if self._ipv6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            if self.gro:
+                try:
+                    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                except OSError:
+                    self.gro = False
+            bind_host = self.bind[0] if not (self._ipv6 and self.bind[0] == "0.0.0.0") else "::"
+            sock.bind((bind_host, self.bind[1]))
+            if self.remote is not None:
+                sock.connect(self.remote)
+                self.peer = sock.getpeername()
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot set up UDP socket: {exc}") from exc
+        self.sock = sock
+        if self.remote is not None and self._cfg_mtu is None:
+            self._refresh_mtu()
+        else:
+            self._set_mtu(self.path_mtu)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+        st = self.sink.stats
+        st.state = TunnelState.HANDSHAKING if self.initiator else TunnelState.LISTENING
+        if self.initiator:  # do not wait for the first tick
+            if self.channel.encrypted:
+                self._send_handshake(self.channel.begin_handshake())
+                self._next_hs = time.monotonic() + self._hs_backoff.next()
+            else:
+                self._send_keepalive()
+                self._next_hs = time.monotonic() + self._hs_backoff.next()
+        log.info(
+            "datagram_open",
+            local=_fmt(sock.getsockname()),
+            remote=_fmt(self.remote),
+            path_mtu=self.path_mtu,
+            gso=self.gso,
+            gro=self.gro,
+        )
+
+    def _refresh_mtu(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            if self._ipv6:
+                mtu = self.sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+            else:
+                mtu = self.sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
+        except OSError:
+            return
+        if self._cfg_mtu is not None:
+            mtu = min(mtu, self._cfg_mtu)
+        if mtu != self.path_mtu or not self._chunk:
+            log.info("datagram_path_mtu", mtu=mtu)
+        self._set_mtu(mtu)
+
+    async def run(self) -> None:
+        if self.sock is None:
+            await self.open()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.sock.fileno())
+            if self._writer:
+                loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def abort(self) -> None:
+        """Forget the sessions (the next tick re-handshakes)."""
+        self.channel.reset()
+
+    def info(self) -> dict[str, object]:
+        return {
+            "peer": _fmt(self.peer),
+            "path_mtu": self.path_mtu,
+            "gso": self.gso,
+            "gro": self.gro,
+            "partials": len(self._partials),
+        }
+
+    # -- sending -----------------------------------------------------------------
+
+    def send_frame(self, frame: memoryview, flags: int) -> None:
+        if self.peer is None:
+            raise LinkDown("peer address not known yet")
+        n = self.channel.seal_into(frame, flags, self._rec_mv)
+        if n <= self._max_dgram:
+            self._send([self._rec_mv[:n]], 0)
+        else:
+            self._send_split(n)
+
+    def flush(self) -> None:
+        return None
+
+    def _send(self, bufs: list[memoryview], seg: int) -> None:
+        sock = self.sock
+        if sock is None:
+            raise LinkDown("socket closed")
+        if self._queue:
+            self._enqueue(bufs, seg)
+            return
+        anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))] if seg else []
+        try:
+            if self.initiator:
+                sock.sendmsg(bufs, anc)
+            else:
+                sock.sendmsg(bufs, anc, 0, self.peer)
+        except BlockingIOError:
+            self._enqueue(bufs, seg)
+            return
+        except OSError as exc:
+            if seg and exc.errno == errno.EINVAL:  # GSO refused for this path: send pieces one by one
+                log.warning("datagram_gso_disabled", error=str(exc))
+                self.gso = False
+            self._send_error(exc)
+            return
+        self._last_tx = time.monotonic()
+
+    def _send_error(self, exc: OSError) -> None:
+        st = self.sink.stats
+        if exc.errno == errno.EMSGSIZE:
+            st.drop(DropReason.TOO_BIG)
+            self._refresh_mtu()
+        elif exc.errno == errno.ENOBUFS:
+            st.drop(DropReason.QUEUE_FULL)
+        elif exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+            st.drop(DropReason.LINK_DOWN)
+        else:
+            st.drop(DropReason.DECODE)
+            log.warning("datagram_send_failed", error=str(exc))
+
+    def _enqueue(self, bufs: list[memoryview], seg: int) -> None:
+        if len(self._queue) >= 256:
+            self.sink.stats.drop(DropReason.QUEUE_FULL)
+            return
+        self._queue.append((b"".join(bufs), seg, self.peer))
+        if not self._writer and self.sock is not None:
+            self._writer = True
+            asyncio.get_running_loop().add_writer(self.sock.fileno(), self._on_writable)
+            self.sink.pause_device()
+
+    def _on_writable(self) -> None:
+        sock = self.sock
+        q = self._queue
+        while q and sock is not None:
+            data, seg, peer = q[0]
+            anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))] if seg else []
+            try:
+                if self.initiator:
+                    sock.sendmsg([data], anc)
+                else:
+                    sock.sendmsg([data], anc, 0, peer)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._send_error(exc)
+            q.popleft()
+        if sock is not None:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+        self._writer = False
+        self.sink.resume_device()
+
+    def _send_split(self, n: int) -> None:
+        rec = self._rec_mv
+        chunk = self._chunk
+        count = -(-n // chunk)
+        if count > MAX_PIECES or chunk <= 0:
+            self.sink.stats.drop(DropReason.TOO_BIG)
+            return
+        _, _, _, receiver, counter = RECORD_HEADER.unpack_from(rec)
+        args = self._hdr_args[: 7 * count]
+        args[2::7] = [count] * count
+        args[4::7] = [receiver] * count
+        args[5::7] = [counter & 0xFFFFFFFF] * count
+        packer = _packer(count)
+        packer.pack_into(self._ph, 0, *args)
+        iov = self._iov_template[: 2 * count]
+        iov[-1] = rec[(count - 1) * chunk : n]
+        seg = _PH + chunk
+        if self.gso:
+            per = max(1, min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seg))
+            for b in range(0, count, per):
+                e = min(count, b + per)
+                self._send(iov[2 * b : 2 * e], seg if e - b > 1 else 0)
+        else:
+            for i in range(count):
+                self._send(iov[2 * i : 2 * i + 2], 0)
+
+    def _send_handshake(self, msg: bytes) -> None:
+        self._send([memoryview(msg)], 0)
+
+    def _send_keepalive(self) -> None:
+        try:
+            self.send_frame(_EMPTY, 0)
+        except RecordError as exc:
+            self.sink.stats.drop(exc.reason)
+            return
+        self.sink.stats.keepalives_out += 1
+
+    # -- receiving ---------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        rx, rxv = self._rx, self._rx_mv
+        for _ in range(RX_BATCH):
+            try:
+                nbytes, anc, mflags, addr = sock.recvmsg_into([rx], _ANC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP port unreachable on a connected socket
+                if exc.errno == errno.EMSGSIZE:
+                    self._refresh_mtu()
+                continue
+            if mflags & _MSG_TRUNC:
+                self.sink.stats.drop(DropReason.TOO_BIG)
+                continue
+            self._last_rx = time.monotonic()
+            seg = nbytes
+            for level, typ, data in anc:
+                if level == SOL_UDP and typ == UDP_GRO:
+                    seg = struct.unpack("=i", data[:4])[0] or nbytes
+            if seg >= nbytes:
+                self._on_datagram(rxv[:nbytes], addr)
+            elif not self._on_run(nbytes, seg, addr):
+                for off in range(0, nbytes, seg):
+                    self._on_datagram(rxv[off : min(off + seg, nbytes)], addr)
+
+    def _on_run(self, nbytes: int, seg: int, addr: Address) -> bool:
+        """Fast path for a GRO batch of consecutive pieces of one record; False: take the slow path.
+
+        Only the first and last piece headers are checked; the pieces in
+        between came from the same GSO send. Should that ever be wrong the
+        reassembled record fails its AEAD tag and is dropped.
+        """
+        rx, rxv = self._rx, self._rx_mv
+        typ, idx0, count, _, receiver, seq, off0 = PIECE_HEADER.unpack_from(rx, 0)
+        n = -(-nbytes // seg)
+        last = (n - 1) * seg
+        chunk = seg - _PH
+        if typ != _PIECE or nbytes - last <= _PH:
+            return False
+        t2, idx2, count2, _, receiver2, seq2, off2 = PIECE_HEADER.unpack_from(rx, last)
+        if (
+            t2 != _PIECE
+            or idx2 != idx0 + n - 1
+            or count2 != count
+            or receiver2 != receiver
+            or seq2 != seq
+            or off2 != off0 + (n - 1) * chunk
+            or idx2 >= count
+        ):
+            return False
+        key = (receiver, seq)
+        parts = self._partials
+        p = parts.get(key)
+        run_mask = ((1 << n) - 1) << idx0
+        if p is None:
+            if len(parts) >= MAX_PARTIALS:
+                self._pool.append(parts.pop(next(iter(parts))).buf)
+                self.sink.stats.drop(DropReason.INCOMPLETE)
+            p = _Partial(self._pool.pop() if self._pool else bytearray(MAX_RECORD), count)
+            parts[key] = p
+        elif p.count != count or p.mask & run_mask:
+            return False
+        end = off0 + (n - 1) * chunk + nbytes - last - _PH
+        if end > MAX_RECORD:
+            return False
+        buf = p.buf
+        o = off0
+        src = self._src_slices.get(seg)
+        if src is None:
+            src = self._src_slices[seg] = [rxv[k + _PH : k + seg] for k in range(0, len(rx) - seg + 1, seg)]
+        for i in range(n - 1):
+            buf[o : o + chunk] = src[i]
+            o += chunk
+        buf[o:end] = rxv[last + _PH : nbytes]
+        p.mask |= run_mask
+        p.got += n
+        if idx2 == count - 1:
+            p.size = end
+        if p.got == count:
+            del parts[key]
+            try:
+                self._on_record(p.mv[: p.size], addr)
+            finally:
+                self._pool.append(p.buf)
+        return True
+
+    def _on_datagram(self, dg: memoryview, addr: Address) -> None:
+        if not len(dg):
+            return
+        typ = dg[0]
+        if typ == _PIECE:
+            self._on_piece(dg, addr)
+        elif typ in (_DATA, _PLAIN):
+            self._on_record(dg, addr)
+        elif typ in (_INIT, _RESP):
+            self._on_handshake(bytes(dg), addr)
+        else:
+            self.sink.stats.drop(DropReason.DECODE)
+
+    def _on_record(self, record: memoryview, addr: Address) -> None:
+        try:
+            payload, flags = self.channel.open(record)
+        except RecordError as exc:
+            self.sink.stats.drop(exc.reason)
+            return
+        if not self.initiator and addr != self.peer:
+            self._learn_peer(addr)
+        st = self.sink.stats
+        if st.state is not _UP:
+            st.state = TunnelState.UP
+        self.sink.deliver(payload, flags)
+
+    def _on_piece(self, dg: memoryview, addr: Address) -> None:
+        st = self.sink.stats
+        if len(dg) <= _PH:
+            st.drop(DropReason.DECODE)
+            return
+        _, idx, count, _, receiver, seq, off = PIECE_HEADER.unpack_from(dg)
+        end = off + len(dg) - _PH
+        if count < 2 or idx >= count or end > MAX_RECORD:
+            st.drop(DropReason.DECODE)
+            return
+        key = (receiver, seq)
+        parts = self._partials
+        p = parts.get(key)
+        if p is None:
+            if len(parts) >= MAX_PARTIALS:
+                oldest = next(iter(parts))
+                self._pool.append(parts.pop(oldest).buf)
+                st.drop(DropReason.INCOMPLETE)
+            p = _Partial(self._pool.pop() if self._pool else bytearray(MAX_RECORD), count)
+            parts[key] = p
+        elif p.count != count:
+            st.drop(DropReason.DECODE)
+            return
+        bit = 1 << idx
+        if p.mask & bit:
+            return
+        p.mask |= bit
+        p.got += 1
+        p.buf[off:end] = dg[_PH:]
+        if idx == count - 1:
+            p.size = end
+        if p.got == count:
+            del parts[key]
+            try:
+                self._on_record(p.mv[: p.size], addr)
+            finally:
+                self._pool.append(p.buf)
+
+    def _on_handshake(self, msg: bytes, addr: Address) -> None:
+        st = self.sink.stats
+        ch = self.channel
+        try:
+            reply = ch.handle_handshake(msg)
+        except HandshakeError as exc:
+            if self.initiator:
+                st.handshakes_failed += 1
+            else:
+                st.handshakes_refused += 1
+            log.warning("datagram_handshake_refused", peer=_fmt(addr), reason=type(exc).__name__, error=str(exc))
+            return
+        st.handshakes += 1
+        st.last_handshake = time.time()
+        if reply is not None:
+            self._learn_peer(addr)
+            self._send_handshake(reply)
+            return
+        self._hs_backoff.reset()
+        st.state = TunnelState.UP
+        log.info("datagram_up", peer=_fmt(addr))
+        self._send_keepalive()  # confirms the session to the responder
+
+    def _learn_peer(self, addr: Address) -> None:
+        if addr != self.peer:
+            log.info("datagram_peer", peer=_fmt(addr), previous=_fmt(self.peer))
+            self.peer = addr
+            self.sink.stats.connects += 1
+            self._probe_mtu(addr)
+            if not self.channel.encrypted:
+                self._send_keepalive()  # tells a plain client it has been heard
+
+    def _probe_mtu(self, addr: Address) -> None:
+        if self._cfg_mtu is not None:
+            return
+        fam = socket.AF_INET6 if self._ipv6 else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(addr)
+                opt = (socket.IPPROTO_IPV6, IPV6_MTU) if self._ipv6 else (socket.IPPROTO_IP, IP_MTU)
+                self._set_mtu(probe.getsockopt(*opt))
+            except OSError:
+                pass
+
+    # -- timers -----------------------------------------------------------------
+
+    def tick(self) -> None:
+        ch = self.channel
+        ch.expire()
+        now = time.monotonic()
+        p = self.policy
+        st = self.sink.stats
+        if self._partials:
+            for key in [k for k, v in self._partials.items() if now - v.created > PARTIAL_TTL]:
+                self._pool.append(self._partials.pop(key).buf)
+                st.drop(DropReason.INCOMPLETE)
+        if self.initiator and ch.encrypted:
+            silent = ch.ready and now - self._last_rx > 2 * p.keepalive + p.rekey_timeout
+            if not ch.ready or silent or ch.wants_handshake():
+                if now >= self._next_hs:
+                    if silent:
+                        log.warning("datagram_peer_silent", seconds=round(now - self._last_rx, 1))
+                    self._send_handshake(ch.begin_handshake())
+                    self._next_hs = now + self._hs_backoff.next()
+            elif self._next_hs:
+                self._next_hs = 0.0
+                self._hs_backoff.reset()
+        if ch.ready and self.peer is not None:
+            if self.initiator and not ch.encrypted and not self._last_rx:
+                if now >= self._next_hs:  # plain: announce ourselves until the server answers
+                    self._send_keepalive()
+                    self._next_hs = now + self._hs_backoff.next()
+            elif now - self._last_tx >= p.keepalive:
+                self._send_keepalive()

@@ -1,0 +1,454 @@
+"""Stream tunnel over TCP (WAN/Internet).
+
+Wire: every message is ``u32 length (big-endian) || message``; the first
+messages are the handshake (initiation from the client, response from the
+server), then records (``DATA`` or ``PLAIN``). Rekey initiations travel on
+the same connection. Several records are batched into one socket write.
+
+Partial writes are asyncio's job: records are written through a selector
+transport, which keeps whatever the kernel did not take and sends it in
+order, and tells us (``pause_writing``) to stop reading the TAP until its
+buffer drains. Receiving uses ``recv_into`` a preallocated ring buffer
+(``BufferedProtocol``) and decrypts records in place of the next read.
+
+The client reconnects with exponential backoff and jitter, so it may come
+up before its server; the server accepts one authenticated connection per
+peer and a new authenticated connection replaces the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import structlog
+
+from .errors import DecodeError, HandshakeError, LinkDown, RecordError, TransportError
+from .link import Backoff, FrameSink, tune_tcp
+from .session import Channel, RekeyPolicy
+from .stats import DropReason, TunnelState
+from .wire import MAX_MESSAGE, STREAM_LEN, MsgType
+
+log = structlog.get_logger("vna_agent.dataplane.stream")
+
+RX_BUFFER = 1 << 20
+TX_BUFFER = 1 << 19
+FLUSH_AT = 1 << 18
+WRITE_HIGH = 4 << 20
+WRITE_LOW = 1 << 20
+MAX_PENDING_ACCEPTS = 32
+_LEN = STREAM_LEN
+_LEN_SIZE = STREAM_LEN.size
+_DATA = int(MsgType.DATA)
+_PLAIN = int(MsgType.PLAIN)
+_HANDSHAKE = (int(MsgType.INITIATION), int(MsgType.RESPONSE))
+_EMPTY = memoryview(b"")
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One TCP connection: framing, receive ring buffer, flow-control callbacks."""
+
+    def __init__(self, owner: _StreamLink) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.peername: Any = None
+        self._buf = bytearray(RX_BUFFER)
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.paused = False
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peername = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            tune_tcp(sock)
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        self.owner.on_connected(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.ready.done():
+            self.ready.set_exception(TransportError("connection closed before the handshake"))
+            self.ready.exception()  # retrieved: nobody else may await it
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.owner.on_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.owner.on_pause(self, True)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.owner.on_pause(self, False)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._buf) - self._end < MAX_MESSAGE + _LEN_SIZE:
+            n = self._end - self._start
+            self._buf[:n] = bytes(self._mv[self._start : self._end])
+            self._start, self._end = 0, n
+        return self._mv[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        self._parse()
+
+    def eof_received(self) -> bool | None:
+        return None  # close
+
+    # -- parsing -------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf, mv = self._buf, self._mv
+        start, end = self._start, self._end
+        owner = self.owner
+        channel = owner.channel
+        sink = owner.sink
+        stats = sink.stats
+        deliver = sink.deliver
+        while end - start >= _LEN_SIZE:
+            (ln,) = _LEN.unpack_from(buf, start)
+            if ln == 0 or ln > MAX_MESSAGE:
+                stats.drop(DropReason.DECODE)
+                log.warning("stream_framing_error", length=ln, peer=self.peername)
+                self.abort()
+                return
+            s = start + _LEN_SIZE
+            if end - s < ln:
+                break
+            start = s + ln
+            typ = buf[s]
+            if typ in (_DATA, _PLAIN):
+                if owner.conn is not self:
+                    stats.drop(DropReason.NO_SESSION)
+                    continue
+                try:
+                    payload, flags = channel.open(mv[s:start])
+                except RecordError as exc:
+                    stats.drop(exc.reason)
+                    continue
+                deliver(payload, flags)
+            elif typ in _HANDSHAKE:
+                owner.on_handshake(self, bytes(mv[s:start]))
+                if self.transport is None or self.transport.is_closing():
+                    return
+            else:
+                stats.drop(DropReason.DECODE)
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+
+    # -- sending -------------------------------------------------------------
+
+    def write(self, data: memoryview | bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def send_message(self, msg: bytes) -> None:
+        self.write(_LEN.pack(len(msg)) + msg)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _StreamLink:
+    """Batching sender shared by client and server; the active connection carries records."""
+
+    def __init__(self, channel: Channel, sink: FrameSink, *, policy: RekeyPolicy | None = None) -> None:
+        self.channel = channel
+        self.sink = sink
+        self.policy = policy or RekeyPolicy()
+        self.conn: _Conn | None = None
+        self._out = bytearray(TX_BUFFER)
+        self._omv = memoryview(self._out)
+        self._pos = 0
+        self._room = TX_BUFFER - _LEN_SIZE - channel.overhead
+
+    # -- Link API --------------------------------------------------------------
+
+    def send_frame(self, frame: memoryview, flags: int) -> None:
+        if self.conn is None:
+            raise LinkDown("no connection")
+        pos = self._pos
+        if pos + len(frame) > self._room:
+            self.flush()
+            pos = 0
+        n = self.channel.seal_into(frame, flags, self._omv[pos + _LEN_SIZE :])
+        _LEN.pack_into(self._out, pos, n)
+        pos += _LEN_SIZE + n
+        self._pos = pos
+        if pos >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        pos = self._pos
+        if pos:
+            self._pos = 0
+            conn = self.conn
+            if conn is not None:
+                conn.write(self._omv[:pos])
+
+    def abort(self) -> None:
+        if self.conn is not None:
+            self.conn.abort()
+
+    def info(self) -> dict[str, object]:
+        c = self.conn
+        return {"peer": _fmt(c.peername) if c else None, "connected": c is not None}
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _send_keepalive(self) -> None:
+        try:
+            self.send_frame(_EMPTY, 0)
+        except RecordError as exc:
+            self.sink.stats.drop(exc.reason)
+            return
+        self.sink.stats.keepalives_out += 1
+        self.flush()
+
+    def _send_handshake(self, conn: _Conn, msg: bytes) -> None:
+        self.flush()
+        conn.send_message(msg)
+
+    # -- callbacks from _Conn ----------------------------------------------------
+
+    def on_connected(self, conn: _Conn) -> None:
+        raise NotImplementedError
+
+    def on_handshake(self, conn: _Conn, msg: bytes) -> None:
+        raise NotImplementedError
+
+    def on_lost(self, conn: _Conn, exc: Exception | None) -> None:
+        if conn is self.conn:
+            self.conn = None
+            self._pos = 0
+            self.channel.reset()
+            st = self.sink.stats
+            st.disconnects += 1
+            log.info("stream_disconnected", peer=_fmt(conn.peername), error=str(exc) if exc else None)
+            if conn.paused:
+                self.sink.resume_device()
+
+    def on_pause(self, conn: _Conn, paused: bool) -> None:
+        if conn is self.conn:
+            if paused:
+                self.sink.pause_device()
+            else:
+                self.sink.resume_device()
+
+    def _activate(self, conn: _Conn) -> None:
+        old = self.conn
+        self.conn = conn
+        self._pos = 0
+        st = self.sink.stats
+        st.connects += 1
+        st.state = TunnelState.UP if self.channel.ready or not self.channel.encrypted else TunnelState.HANDSHAKING
+        if old is not None and old is not conn:
+            old.abort()
+        if not conn.ready.done():
+            conn.ready.set_result(None)
+
+
+def _fmt(addr: Any) -> str | None:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return None if addr is None else str(addr)
+
+
+class StreamClient(_StreamLink):
+    """Connects to a :class:`StreamServer`, initiates handshakes, reconnects with backoff."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        channel: Channel,
+        sink: FrameSink,
+        *,
+        policy: RekeyPolicy | None = None,
+        backoff: Backoff | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(channel, sink, policy=policy)
+        self.host = host
+        self.port = port
+        self.backoff = backoff or Backoff()
+        self.connect_timeout = connect_timeout
+
+    async def open(self) -> None:
+        return None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stats = self.sink.stats
+        while True:
+            stats.state = TunnelState.CONNECTING
+            conn: _Conn | None = None
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    _, proto = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
+                conn = proto
+                async with asyncio.timeout(self.policy.rekey_timeout):
+                    await conn.ready
+                self.backoff.reset()
+                log.info("stream_up", server=f"{self.host}:{self.port}")
+                await conn.closed
+            except (OSError, TransportError) as exc:
+                log.debug("stream_connect_failed", server=f"{self.host}:{self.port}", error=str(exc))
+            except TimeoutError:
+                if conn is not None:
+                    stats.handshakes_failed += 1
+                    log.warning("stream_handshake_timeout", server=f"{self.host}:{self.port}")
+                    conn.abort()
+            finally:
+                if conn is not None and conn.transport is not None:
+                    conn.abort()
+            await asyncio.sleep(self.backoff.next())
+
+    def on_connected(self, conn: _Conn) -> None:
+        self.channel.reset()
+        if not self.channel.encrypted:
+            self._activate(conn)
+            return
+        self.sink.stats.state = TunnelState.HANDSHAKING
+        conn.send_message(self.channel.begin_handshake())
+
+    def on_handshake(self, conn: _Conn, msg: bytes) -> None:
+        stats = self.sink.stats
+        try:
+            self.channel.handle_handshake(msg)
+        except HandshakeError as exc:
+            stats.handshakes_failed += 1
+            log.warning("stream_handshake_failed", server=_fmt(conn.peername), error=str(exc))
+            conn.abort()
+            return
+        stats.handshakes += 1
+        stats.last_handshake = time.time()
+        if conn is not self.conn:
+            self._activate(conn)
+        stats.state = TunnelState.UP
+        self._send_keepalive()  # confirms the new session to the responder
+
+    def tick(self) -> None:
+        ch = self.channel
+        ch.expire()
+        conn = self.conn
+        if conn is None or not ch.encrypted or not ch.ready:
+            return
+        if ch.handshake_overdue():
+            log.warning("stream_rekey_unanswered", server=f"{self.host}:{self.port}")
+            conn.abort()
+        elif ch.wants_handshake():
+            self._send_handshake(conn, ch.begin_handshake())
+
+
+class StreamServer(_StreamLink):
+    """Listens for its peer; one authenticated connection carries the tunnel."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        channel: Channel,
+        sink: FrameSink,
+        *,
+        policy: RekeyPolicy | None = None,
+    ) -> None:
+        super().__init__(channel, sink, policy=policy)
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._pending: set[_Conn] = set()
+
+    @property
+    def bound_port(self) -> int:
+        """The listening port (useful with port 0)."""
+        if self._server is None or not self._server.sockets:
+            raise TransportError("not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: _Conn(self), self.host, self.port, reuse_address=True, family=socket.AF_UNSPEC
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+        self.sink.stats.state = TunnelState.LISTENING
+        log.info("stream_listening", address=f"{self.host}:{self.bound_port}")
+
+    async def run(self) -> None:
+        if self._server is None:
+            await self.open()
+        assert self._server is not None
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._server.close()
+            for c in list(self._pending):
+                c.abort()
+            if self.conn is not None:
+                self.conn.abort()
+
+    def on_connected(self, conn: _Conn) -> None:
+        if not self.channel.encrypted:
+            self._activate(conn)
+            return
+        if len(self._pending) >= MAX_PENDING_ACCEPTS:
+            conn.abort()
+            return
+        self._pending.add(conn)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.policy.rekey_timeout, self._expire_pending, conn)
+
+    def _expire_pending(self, conn: _Conn) -> None:
+        if conn in self._pending:
+            self._pending.discard(conn)
+            self.sink.stats.handshakes_failed += 1
+            log.warning("stream_handshake_timeout", peer=_fmt(conn.peername))
+            conn.abort()
+
+    def on_handshake(self, conn: _Conn, msg: bytes) -> None:
+        stats = self.sink.stats
+        try:
+            reply = self.channel.handle_handshake(msg)
+        except HandshakeError as exc:
+            stats.handshakes_refused += 1
+            log.warning("stream_handshake_refused", peer=_fmt(conn.peername), reason=type(exc).__name__, error=str(exc))
+            conn.abort()
+            return
+        if reply is None:  # pragma: no cover - responders always reply
+            raise DecodeError("responder produced no reply")
+        stats.handshakes += 1
+        stats.last_handshake = time.time()
+        if conn is not self.conn:
+            self._pending.discard(conn)
+            self.channel.forget_established()
+            self._activate(conn)
+        self._send_handshake(conn, reply)
+
+    def on_lost(self, conn: _Conn, exc: Exception | None) -> None:
+        self._pending.discard(conn)
+        was_active = conn is self.conn
+        super().on_lost(conn, exc)
+        if was_active:
+            self.sink.stats.state = TunnelState.LISTENING
+
+    def tick(self) -> None:
+        self.channel.expire()
+        if self.conn is not None and self.channel.ready:
+            self.sink.stats.state = TunnelState.UP

@@ -1,0 +1,184 @@
+"""The VNA agent on the bus: commands on ``sf.agent.<vna-id>.<verb>``, heartbeats, flows, alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from pydantic import BaseModel
+
+from bus import codec, subjects
+from bus.connection import Bus
+from bus.messages import Empty
+from bus.service import BusService, CommandContext
+from bus.subjects import Header
+from bus.vna import (
+    Ack,
+    Discovery,
+    IdentityView,
+    MacFlush,
+    OverlayRef,
+    SegmentJoin,
+    SegmentLeave,
+    SwitchCreate,
+    SwitchStatus,
+    TunnelAdd,
+    TunnelRef,
+    TunnelStatus,
+    VnaStatus,
+)
+from manager.heartbeat import run_heartbeat
+from vna_agent.agent import VnaAgent
+
+log = structlog.get_logger(__name__)
+SERVICE = "vna"
+VERSION = "0.1.0"
+
+
+class VnaAgentService:
+    """Runs a :class:`VnaAgent` as a bus participant.
+
+    NATS permissions decide who may command an agent: only the manager and
+    component (VNM) roles may publish on ``sf.agent.>``.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        agent: VnaAgent,
+        *,
+        flow_interval_s: float = 5.0,
+        conflict_poll_s: float = 0.25,
+        heartbeat_s: float = 5.0,
+    ) -> None:
+        self.bus = bus
+        self.agent = agent
+        self.flow_interval_s = flow_interval_s
+        self.conflict_poll_s = conflict_poll_s
+        self.heartbeat_s = heartbeat_s
+        self.service = BusService(
+            bus,
+            SERVICE,
+            VERSION,
+            "Skyferry VNA agent",
+            subject_prefix=subjects.agent_group(agent.vna_id),
+            instance_metadata={"vna_id": agent.vna_id},
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._register()
+
+    def _register(self) -> None:
+        a = self.agent
+        add = self.service.add_command_spec
+
+        async def identity(ctx: CommandContext, req: Empty) -> IdentityView:
+            return IdentityView(vna_id=a.vna_id, public_key=a.identity.public.b64())
+
+        async def switch_create(ctx: CommandContext, req: SwitchCreate) -> SwitchStatus:
+            return await a.switch_status(await a.switch_create(req.overlay_id, req.mtu))
+
+        async def switch_remove(ctx: CommandContext, req: OverlayRef) -> Ack:
+            await a.switch_remove(req.overlay_id)
+            return Ack()
+
+        async def segment_join(ctx: CommandContext, req: SegmentJoin) -> Ack:
+            await a.segment_join(req)
+            return Ack()
+
+        async def segment_leave(ctx: CommandContext, req: SegmentLeave) -> Ack:
+            await a.segment_leave(req.overlay_id, req.interface)
+            return Ack()
+
+        async def tunnel_add(ctx: CommandContext, req: TunnelAdd) -> TunnelStatus:
+            await a.tunnel_add(req)
+            return a.tunnel_status(a.tunnels[req.tunnel_id])
+
+        async def tunnel_remove(ctx: CommandContext, req: TunnelRef) -> Ack:
+            await a.tunnel_remove(req.tunnel_id)
+            return Ack()
+
+        async def mac_flush(ctx: CommandContext, req: MacFlush) -> Ack:
+            n = await a.mac_flush(req.overlay_id, req.mac)
+            return Ack(detail=f"{n} entries flushed")
+
+        async def status(ctx: CommandContext, req: Empty) -> VnaStatus:
+            return await a.status()
+
+        async def discover(ctx: CommandContext, req: Empty) -> Discovery:
+            return await a.discover()
+
+        add("identity", Empty, IdentityView, identity, "the VNA's static X25519 public key")
+        add("switch_create", SwitchCreate, SwitchStatus, switch_create, "create an overlay's software switch")
+        add("switch_remove", OverlayRef, Ack, switch_remove, "remove an overlay's switch, its tunnels and joins")
+        add("segment_join", SegmentJoin, Ack, segment_join, "join a local segment to an overlay switch")
+        add("segment_leave", SegmentLeave, Ack, segment_leave, "detach a local segment")
+        add("tunnel_add", TunnelAdd, TunnelStatus, tunnel_add, "add a tunnel server or client")
+        add("tunnel_remove", TunnelRef, Ack, tunnel_remove, "remove a tunnel")
+        add("mac_flush", MacFlush, Ack, mac_flush, "forget where a MAC was learned")
+        add("status", Empty, VnaStatus, status, "switches, ports, tunnels, health")
+        add("discover", Empty, Discovery, discover, "LANs, subnets and hosts this VNA can see")
+
+    async def start(self) -> None:
+        await self.service.start()
+        vid = self.agent.vna_id
+        self._tasks = [
+            asyncio.create_task(
+                run_heartbeat(
+                    self.bus,
+                    SERVICE,
+                    vid,
+                    interval_s=self.heartbeat_s,
+                    details=lambda: {"tunnels": len(self.agent.tunnels), "switches": len(self.agent.switches)},
+                )
+            ),
+            asyncio.create_task(self._publish_flows()),
+            asyncio.create_task(self._watch_conflicts()),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.service.stop()
+
+    async def _js_publish(self, subject: str, model: BaseModel) -> None:
+        schema = getattr(model, "__schema_name__", "")
+        try:
+            await self.bus.js.publish(subject, codec.encode(model), headers={Header.SCHEMA.value: schema}, timeout=2.0)
+        except Exception as exc:  # a publish lost to a bus outage must not kill the agent
+            log.warning("publish_failed", subject=subject, error=repr(exc))
+
+    async def publish_flows_once(self) -> None:
+        for sw in list(self.agent.switches.values()):
+            stats, conflicts = self.agent.flow_stats(sw)
+            await self._js_publish(subjects.flow(sw.overlay_id, self.agent.vna_id), stats)
+            for c in conflicts:
+                await self._js_publish(subjects.alert(sw.overlay_id, self.agent.vna_id), c)
+
+    async def _publish_flows(self) -> None:
+        while True:
+            await asyncio.sleep(self.flow_interval_s)
+            await self.publish_flows_once()
+
+    async def _watch_conflicts(self) -> None:
+        while True:
+            await asyncio.sleep(self.conflict_poll_s)
+            try:
+                conflicts = await self.agent.mac_conflicts()
+            except Exception as exc:
+                log.warning("conflict_poll_failed", error=repr(exc))
+                continue
+            for c in conflicts:
+                log.info("mac_conflict", kind=c.kind.value, mac=c.mac, ports=c.ports)
+                await self._js_publish(subjects.alert(c.overlay_id, self.agent.vna_id), c)
+
+    async def __aenter__(self) -> VnaAgentService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
