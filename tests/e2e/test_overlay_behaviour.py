@@ -13,7 +13,7 @@ import pytest
 from bus import codec
 from bus.messages import Empty
 from bus.vna import Ack, Conflict, FlowStats, PeerKey, TunnelAdd, TunnelRef, TunnelStatus, VnaStatus
-from tests.e2e.overlay_fixtures import Vnas, needs_root, vnas_for  # noqa: F401
+from tests.e2e.overlay_fixtures import Vnas, needs_root
 
 pytestmark = [needs_root, pytest.mark.root]
 

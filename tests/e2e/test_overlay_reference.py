@@ -9,7 +9,7 @@ import pytest
 from bus.errors import Unsupported
 from bus.messages import Empty
 from bus.vna import Ack, SegmentJoin, VnaStatus
-from tests.e2e.overlay_fixtures import needs_root, tcp_transfer, vnas_for  # noqa: F401
+from tests.e2e.overlay_fixtures import needs_root, tcp_transfer
 
 pytestmark = [needs_root, pytest.mark.root]
 
