@@ -9,3 +9,13 @@ if ((${#need[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
+# Overlay benchmark (bench/bench_overlay.py): iperf3, OpenVPN and tinc 1.0 (sbin tools: check the path too).
+bench=()
+command -v iperf3 >/dev/null 2>&1 || bench+=(iperf3)
+command -v openvpn >/dev/null 2>&1 || [[ -x /usr/sbin/openvpn ]] || bench+=(openvpn)
+command -v tincd >/dev/null 2>&1 || [[ -x /usr/sbin/tincd ]] || bench+=(tinc)
+if ((${#bench[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${bench[@]}" >/dev/null
+fi

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -81,6 +82,20 @@ def create_engine(url: str | URL, *, schema: str | None = None, echo: bool = Fal
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     if schema is not None:
         engine = engine.execution_options(schema_translate_map={None: schema})
+    return engine
+
+
+def create_blocking_engine(url: str | URL, *, echo: bool = False) -> Engine | None:
+    """A blocking (pysqlite) engine on the same SQLite file, or None (PostgreSQL, in-memory SQLite).
+
+    The projector applies a batch on it in one worker thread: one thread hand-off per batch
+    instead of several per statement through aiosqlite.
+    """
+    u = normalise_url(url)
+    if u.get_backend_name() != "sqlite" or is_memory_sqlite(u):
+        return None
+    engine = create_sync_engine(u.set(drivername="sqlite+pysqlite"), echo=echo, json_serializer=_dumps)
+    event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
 

@@ -6,16 +6,29 @@ skipped. A crash before commit loses the whole batch (it is redelivered), a
 crash after commit only causes a redelivery that the position check skips,
 so every event is applied exactly once. The position moves by compare-and-set,
 so two projectors sharing a name can never both apply the same batch.
+
+Speed: a batch folds each event once (the manager's ``apply_event``) but writes
+each root's rows once, upserting one-row tables and leaving alone the tables
+whose rows did not change. The folded roots stay cached between batches while
+the stored position is the one this projector committed last (any other
+position, set by another projector or a rebuild, drops the cache), and the
+position itself is then moved by a single compare-and-set. The cyclic garbage
+collector is paused while a batch is applied (the batch's objects are freed by
+reference counting when it ends, instead of being promoted and rescanned by
+full collections several times per batch).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,15 +36,16 @@ import structlog
 from sqlalchemy import Row as SqlRow
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection, CursorResult, Dialect, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateSchema
+from sqlalchemy.sql import Executable
 
 from bus.envelope import utcnow
 from bus.kinds import Aggregate
 from manager.projections import tables as t
-from manager.projections.engine import DEFAULT_URL, create_engine, normalise_url
+from manager.projections.engine import DEFAULT_URL, create_blocking_engine, create_engine, normalise_url
 from manager.projections.errors import (
     InvalidEvent,
     ProjectionConflict,
@@ -130,17 +144,39 @@ class _Root:
 
 @dataclass(frozen=True)
 class _Cached:
-    """A root's folded state (and the rows this projector wrote for it) as committed at ``version``.
+    """A root's folded state, and the rows this projector wrote for it, as committed at ``version``.
 
-    The fold is deterministic, so a root whose ``aggregates.version`` still equals
-    ``version`` has exactly this state: the batch then skips reading and re-validating
-    the stored JSON, and leaves alone the tables whose rows did not change. Any other
-    version (another projector, a rebuild) reloads the state and rewrites every row.
+    Valid while the stored position is the one the cache was committed at: only a
+    projector moves the position, and the fold is deterministic, so the database then
+    holds exactly these states and rows. The batch skips reading and re-validating the
+    stored JSON, and leaves alone the tables whose rows did not change.
     """
 
     version: int
     state: RootState
     written: Rows | None
+
+
+class _BlockingConnection:
+    """A blocking SQLAlchemy connection behind the awaitable ``execute`` the apply path uses.
+
+    Its ``execute`` never suspends, so a whole batch runs to completion in the worker
+    thread without an event loop (see :meth:`Projector._apply_blocking`).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._conn.dialect
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> CursorResult[Any]:
+        return self._conn.execute(statement, parameters)
+
+
+#: What the apply path writes through: the async engine's connection, or the blocking one.
+_Conn = AsyncConnection | _BlockingConnection
 
 
 @contextlib.contextmanager
@@ -152,6 +188,45 @@ def _db_errors(what: str) -> Iterator[None]:
         raise
     except (SQLAlchemyError, OSError) as exc:
         raise ProjectionStoreError(f"{what} failed: {exc}", details={"error": type(exc).__name__}) from exc
+
+
+class _GcPause:
+    """Pauses the cyclic garbage collector while at least one batch is being applied.
+
+    Folding a batch allocates many container objects that live until the batch
+    ends; with the collector running they survive the young generations and
+    trigger full collections of the whole heap several times per batch. Paused,
+    they are freed by reference counting when the batch ends. Process-wide but
+    nested safely; never re-enables a collector that was disabled before.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.was_enabled = False
+
+    @contextlib.contextmanager
+    def __call__(self, active: bool = True) -> Iterator[None]:
+        if not active:
+            yield
+            return
+        if self.depth == 0:
+            self.was_enabled = gc.isenabled()
+            gc.disable()
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.was_enabled:
+                gc.enable()
+
+
+_gc_paused = _GcPause()
+
+
+def _fresh(events: Sequence[Incoming], after: int) -> list[Incoming]:
+    """The events after ``after``, deduplicated, in position order."""
+    return sorted({e.position: e for e in events if e.position > after}.values(), key=lambda e: e.position)
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -173,10 +248,55 @@ def _has_nul(row: Row) -> bool:
     return any(v.__class__ is str and "\x00" in v for v in row.values())
 
 
-async def _insert(conn: AsyncConnection, table: Table, rows: list[Row]) -> None:
-    """One executemany; strings cleaned so that no odd value can fail the batch."""
-    clean = [{k: _no_nul(v) for k, v in r.items()} if _has_nul(r) else r for r in rows]
-    await conn.execute(insert(table), clean)
+def _clean(rows: list[Row]) -> list[Row]:
+    """Strings cleaned so that no odd value can fail the batch."""
+    return [{k: _no_nul(v) for k, v in r.items()} if _has_nul(r) else r for r in rows]
+
+
+async def _insert(conn: _Conn, table: Table, rows: list[Row]) -> None:
+    """One executemany."""
+    await conn.execute(insert(table), _clean(rows))
+
+
+_UPSERTS: dict[tuple[str, Table], Any] = {}
+
+
+async def _upsert(conn: _Conn, table: Table, rows: list[Row]) -> None:
+    """One executemany of ``INSERT ... ON CONFLICT (primary key) DO UPDATE``."""
+    dialect = conn.dialect.name
+    stmt = _UPSERTS.get((dialect, table))
+    if stmt is None:
+        ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        pk = [c.name for c in table.primary_key.columns]
+        stmt = ins.on_conflict_do_update(
+            index_elements=pk, set_={c.name: ins.excluded[c.name] for c in table.columns if c.name not in pk}
+        )
+        _UPSERTS[(dialect, table)] = stmt
+    await conn.execute(stmt, _clean(rows))
+
+
+def _one_row_per_root(table: Table, col: Any) -> bool:
+    """The table's primary key is the root's id: a root's row there can be upserted."""
+    return [c.name for c in table.primary_key.columns] == [col.name]
+
+
+_KEYS: dict[Table, tuple[str, ...]] = {}
+
+
+def _in_key_order(table: Table, rows: list[Row]) -> list[Row]:
+    """Rows sorted by primary key, so that a list moved around in the state compares equal."""
+    if len(rows) < 2:
+        return rows
+    key = _KEYS.get(table)
+    if key is None:
+        key = _KEYS[table] = tuple(c.name for c in table.primary_key.columns)
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in key))
+
+
+#: Per aggregate type, its tables holding (at most) one row per root.
+_SINGLE: dict[Aggregate, frozenset[Table]] = {
+    agg: frozenset(table for table, col in owned if _one_row_per_root(table, col)) for agg, owned in OWNED.items()
+}
 
 
 def _plain(row: SqlRow[Any]) -> dict[str, Any]:
@@ -191,6 +311,8 @@ class Projector:
             ``postgresql+asyncpg://user@host/db`` (plain ``sqlite://`` / ``postgresql://`` work too).
         name: the projection's name in ``projection_position``.
         schema: PostgreSQL schema holding the tables (created by :meth:`create_schema`).
+        cache_size: folded roots kept in memory between batches (0: none).
+        pause_gc: pause the cyclic garbage collector while a batch is applied.
     """
 
     def __init__(
@@ -201,18 +323,32 @@ class Projector:
         schema: str | None = None,
         echo: bool = False,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        pause_gc: bool = True,
     ) -> None:
         self.url = normalise_url(engine_url)
         self.name = name
         self.schema = schema
         self.engine = create_engine(self.url, schema=schema, echo=echo)
+        self._blocking = create_blocking_engine(self.url, echo=echo)
+        """SQLite file: batches are applied on this engine in :attr:`_worker` (one thread hop per batch)."""
+        self._worker: ThreadPoolExecutor | None = None
         self.cache_size = cache_size
+        self.pause_gc = pause_gc
         self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+        self._cache_at: int | None = None
+        """Stored position the cache is valid at (None: empty)."""
+        self._committed: int | None = None
+        """Stored position after this projector's last commit (None: read it)."""
         self._log = log.bind(projection=name, db=self.url.render_as_string(hide_password=True))
 
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        if self._worker is not None:
+            blocking, worker, self._worker = self._blocking, self._worker, None
+            if blocking is not None:  # its connections belong to the worker thread: dispose of them there
+                await asyncio.get_running_loop().run_in_executor(worker, blocking.dispose)
+            worker.shutdown(wait=False)
 
     async def __aenter__(self) -> Projector:
         return self
@@ -245,7 +381,8 @@ class Projector:
         refused (gap) and restarts its consumer from the rebuilt position.
         """
         start = time.perf_counter()
-        self._cache.clear()
+        self._forget()
+        self._committed = None
         with _db_errors("rebuild"):
             async with self.engine.begin() as conn:
                 await conn.run_sync(t.metadata.drop_all)
@@ -290,10 +427,24 @@ class Projector:
         attempt = 1
         while True:
             try:
-                with _db_errors("apply"):
-                    async with self.engine.begin() as conn:
-                        res, roots = await self._apply(conn, events, allow_gap)
-                self._remember(roots)  # committed: only now may later batches rely on these states
+                with _db_errors("apply"), _gc_paused(self.pause_gc):
+                    try:
+                        if self._blocking is not None:
+                            if self._worker is None:
+                                self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"projector-{self.name}")
+                            loop = asyncio.get_running_loop()
+                            res, roots = await loop.run_in_executor(
+                                self._worker, self._apply_blocking, self._blocking, events, allow_gap
+                            )
+                        else:
+                            async with self.engine.begin() as conn:
+                                res, roots = await self._apply(conn, events, allow_gap)
+                    except BaseException:
+                        self._committed = None  # the commit may have happened: read the position next time
+                        raise
+                    self._committed = res.position
+                    if roots is not None:  # committed: only now may later batches rely on these states
+                        self._remember(roots, res.position)
                 return dataclasses.replace(res, committed_at=utcnow())
             except ProjectionConflict:
                 # Someone else applied meanwhile: re-reading the position turns their work into skips.
@@ -302,14 +453,35 @@ class Projector:
                 self._log.info("projection_conflict_retry", attempt=attempt)
                 attempt += 1
 
+    def _apply_blocking(
+        self, engine: Engine, events: Sequence[Incoming], allow_gap: bool
+    ) -> tuple[ApplyResult, Iterable[_Root] | None]:
+        """:meth:`_apply` in one transaction of the blocking engine (runs in the worker thread)."""
+        with engine.begin() as conn:
+            step = self._apply(_BlockingConnection(conn), events, allow_gap)
+            try:
+                step.send(None)
+            except StopIteration as done:
+                result: tuple[ApplyResult, Iterable[_Root] | None] = done.value
+                return result
+            step.close()
+            raise RuntimeError("applying a batch on the blocking engine suspended")
+
     async def _apply(
-        self, conn: AsyncConnection, events: Sequence[Incoming], allow_gap: bool
-    ) -> tuple[ApplyResult, Iterable[_Root]]:
+        self, conn: _Conn, events: Sequence[Incoming], allow_gap: bool
+    ) -> tuple[ApplyResult, Iterable[_Root] | None]:
+        known = self._committed
+        if known is not None:
+            # Fast path: the batch follows our last commit; one compare-and-set checks that
+            # nobody moved the position since (else read it and start over).
+            fresh = _fresh(events, known)
+            if fresh and fresh[0].position == known + 1 and await self._cas(conn, known, fresh[-1].position):
+                return await self._project(conn, events, fresh, known)
         stored = await self._read_position(conn, lock=True)
         base = stored or 0
-        fresh = sorted({e.position: e for e in events if e.position > base}.values(), key=lambda e: e.position)
+        fresh = _fresh(events, base)
         if not fresh:
-            return ApplyResult(applied=0, skipped=len(events), errors=0, position=base), ()
+            return ApplyResult(applied=0, skipped=len(events), errors=0, position=base), None
         if fresh[0].position != base + 1:
             if not allow_gap:
                 raise ProjectionGap(
@@ -317,8 +489,15 @@ class Projector:
                     details={"position": base, "first": fresh[0].position},
                 )
             self._log.warning("projection_gap", position=base, first=fresh[0].position)
-        new = fresh[-1].position
-        await self._advance(conn, stored, new)
+        await self._advance(conn, stored, fresh[-1].position)
+        return await self._project(conn, events, fresh, base)
+
+    async def _project(
+        self, conn: _Conn, events: Sequence[Incoming], fresh: list[Incoming], base: int
+    ) -> tuple[ApplyResult, Iterable[_Root]]:
+        """Write ``fresh`` (the events after ``base``, the position already moved past them)."""
+        if base != self._cache_at:  # another projector or a rebuild moved the position: cache is stale
+            self._forget()
         good = [e for e in fresh if isinstance(e, StoredEvent)]
         errors = [self._error_row(e, e.error) for e in fresh if isinstance(e, UndecodableEvent)]
         if good:
@@ -339,10 +518,15 @@ class Projector:
             await _insert(conn, t.projection_errors, errors)
             for e in errors:
                 self._log.warning("projection_event_skipped", **{k: v for k, v in e.items() if k != "recorded_at"})
+        new = fresh[-1].position
         result = ApplyResult(applied=len(fresh), skipped=len(events) - len(fresh), errors=len(errors), position=new)
         return result, roots.values()
 
-    def _remember(self, roots: Iterable[_Root]) -> None:
+    def _forget(self) -> None:
+        self._cache.clear()
+        self._cache_at = None
+
+    def _remember(self, roots: Iterable[_Root], position: int) -> None:
         cache = self._cache
         for r in roots:
             key = (r.aggregate, r.id)  # a StrEnum: equal to (and hashed as) the aggregate type string
@@ -350,8 +534,9 @@ class Projector:
             cache.move_to_end(key)
         while len(cache) > self.cache_size:
             cache.popitem(last=False)
+        self._cache_at = position
 
-    async def _read_position(self, conn: AsyncConnection, *, lock: bool = False) -> int | None:
+    async def _read_position(self, conn: _Conn, *, lock: bool = False) -> int | None:
         pp = t.projection_position
         stmt = select(pp.c.position).where(pp.c.name == self.name)
         if lock:
@@ -359,7 +544,17 @@ class Projector:
         value = (await conn.execute(stmt)).scalar_one_or_none()
         return None if value is None else int(value)
 
-    async def _advance(self, conn: AsyncConnection, stored: int | None, new: int) -> None:
+    async def _cas(self, conn: _Conn, expected: int, new: int) -> bool:
+        """Move the position from ``expected`` to ``new``; False if it is not at ``expected``."""
+        pp = t.projection_position
+        res = await conn.execute(
+            update(pp)
+            .where(pp.c.name == self.name, pp.c.position == expected)
+            .values(position=new, updated_at=utcnow())
+        )
+        return bool(res.rowcount == 1)
+
+    async def _advance(self, conn: _Conn, stored: int | None, new: int) -> None:
         """Compare-and-set the position: the guard that makes applying exactly-once."""
         pp = t.projection_position
         now = utcnow()
@@ -378,98 +573,97 @@ class Projector:
             )
 
     async def _load_roots(
-        self, conn: AsyncConnection, good: Sequence[StoredEvent], errors: list[Row]
+        self, conn: _Conn, good: Sequence[StoredEvent], errors: list[Row]
     ) -> dict[tuple[str, str], _Root]:
-        """Current state of every root the batch touches: cached if its version agrees, else from ``aggregates``."""
+        """Current state of every root the batch touches: from the cache, else from ``aggregates``."""
         wanted: dict[str, dict[str, list[StoredEvent]]] = {}
         for ev in good:
             wanted.setdefault(ev.aggregate_type, {}).setdefault(ev.aggregate_id, []).append(ev)
         roots: dict[tuple[str, str], _Root] = {}
         a = t.aggregates
+        cache = self._cache
         for agg_type, by_id in wanted.items():
             try:
                 agg = aggregate_of(agg_type)
             except InvalidEvent as exc:
                 errors += [self._error_row(ev, exc.message) for evs in by_id.values() for ev in evs]
                 continue
-            versions: dict[str, int] = {}
-            for chunk in _chunks(list(by_id)):
-                q = select(a.c.aggregate_id, a.c.version).where(
-                    a.c.aggregate_type == agg_type, a.c.aggregate_id.in_(chunk)
-                )
-                versions |= {row.aggregate_id: int(row.version) for row in await conn.execute(q)}
-            cached: dict[str, _Cached] = {}
-            for agg_id, version in versions.items():
-                hit = self._cache.get((agg_type, agg_id))
-                if hit is not None and hit.version == version:
-                    cached[agg_id] = hit
+            missing: list[str] = []
+            for agg_id in by_id:
+                hit = cache.get((agg_type, agg_id))
+                if hit is None:
+                    missing.append(agg_id)
+                else:
+                    roots[(agg_type, agg_id)] = _Root(agg, agg_id, hit.state, hit.version, None, written=hit.written)
             stored: dict[str, SqlRow[Any]] = {}
-            for chunk in _chunks([i for i in versions if i not in cached]):
+            for chunk in _chunks(missing):
                 q = select(a.c.aggregate_id, a.c.version, a.c.state, a.c.updated_at).where(
                     a.c.aggregate_type == agg_type, a.c.aggregate_id.in_(chunk)
                 )
                 stored |= {row.aggregate_id: row for row in await conn.execute(q)}
-            for agg_id, evs in by_id.items():
-                hit = cached.get(agg_id)
-                if hit is not None:
-                    roots[(agg_type, agg_id)] = _Root(agg, agg_id, hit.state, hit.version, None, written=hit.written)
-                    continue
+            for agg_id in missing:
                 row = stored.get(agg_id)
                 try:
                     state = state_from_json(agg, row.state if row else None)
                 except InvalidEvent as exc:
-                    errors += [self._error_row(ev, exc.message) for ev in evs]
+                    errors += [self._error_row(ev, exc.message) for ev in by_id[agg_id]]
                     continue
                 roots[(agg_type, agg_id)] = _Root(
                     agg, agg_id, state, int(row.version) if row else 0, row.updated_at if row else None
                 )
         return roots
 
-    async def _write_roots(self, conn: AsyncConnection, roots: list[_Root]) -> None:
-        """Rewrite the rows of the changed roots: delete what they owned, insert what they own now.
+    async def _write_roots(self, conn: _Conn, roots: list[_Root]) -> None:
+        """Rewrite the rows of the changed roots.
 
-        A table whose rows for a root are exactly what this projector wrote for the root's
-        previous version (known from the cache) is left alone.
+        ``aggregates`` and one-row-per-root tables are upserted; other tables get the
+        root's rows deleted and inserted. A table whose rows for a root are exactly
+        what this projector wrote for its previous version (known from the cache) is
+        left alone.
         """
-        by_agg: dict[Aggregate, list[_Root]] = {}
-        for r in roots:
-            by_agg.setdefault(r.aggregate, []).append(r)
         a = t.aggregates
-        for agg, group in by_agg.items():
-            inserts: dict[Table, list[Row]] = {a: []}
-            stale: dict[Table, list[str]] = {}
-            for r in group:
-                assert r.updated_at is not None  # set by the event that changed it
-                state = state_to_json(r.state)
-                at = _utc(r.updated_at)
-                inserts[a].append(
-                    {
-                        "aggregate_type": agg.value,
-                        "aggregate_id": r.id,
-                        "version": r.version,
-                        "deleted": state is None,
-                        "state": state,
-                        "updated_at": at,
-                    }
-                )
-                owned: Rows = rows_for(agg, state, r.version, at)
-                before = r.written
-                for table, _ in OWNED[agg]:
-                    rows = owned.get(table, [])
-                    if before is not None and before.get(table, []) == rows:
-                        continue
-                    stale.setdefault(table, []).append(r.id)
-                    if rows:
-                        inserts.setdefault(table, []).extend(rows)
-                r.written = owned
-            for chunk in _chunks([r.id for r in group]):
-                await conn.execute(delete(a).where(a.c.aggregate_type == agg.value, a.c.aggregate_id.in_(chunk)))
+        upserts: dict[Table, list[Row]] = {a: []}
+        inserts: dict[Table, list[Row]] = {}
+        stale: dict[Table, tuple[Any, list[str]]] = {}
+        for r in roots:
+            agg = r.aggregate
+            assert r.updated_at is not None  # set by the event that changed it
+            state = state_to_json(r.state)
+            at = _utc(r.updated_at)
+            upserts[a].append(
+                {
+                    "aggregate_type": agg.value,
+                    "aggregate_id": r.id,
+                    "version": r.version,
+                    "deleted": state is None,
+                    "state": state,
+                    "updated_at": at,
+                }
+            )
+            owned: Rows = {
+                table: _in_key_order(table, rows) for table, rows in rows_for(agg, state, r.version, at).items()
+            }
+            before = r.written
+            single = _SINGLE[agg]
             for table, col in OWNED[agg]:
-                for chunk in _chunks(stale.get(table, [])):
-                    await conn.execute(delete(table).where(col.in_(chunk)))
-            for table, rows in inserts.items():
-                if rows:
-                    await _insert(conn, table, rows)
+                rows = owned.get(table, [])
+                if before is not None and before.get(table, []) == rows:
+                    continue
+                if rows and table in single:
+                    upserts.setdefault(table, []).extend(rows)
+                    continue
+                stale.setdefault(table, (col, []))[1].append(r.id)
+                inserts.setdefault(table, []).extend(rows)
+            r.written = owned
+        for table, (col, ids) in stale.items():
+            for chunk in _chunks(ids):
+                await conn.execute(delete(table).where(col.in_(chunk)))
+        for table, rows in upserts.items():
+            if rows:
+                await _upsert(conn, table, rows)
+        for table, rows in inserts.items():
+            if rows:
+                await _insert(conn, table, rows)
 
     def _audit_row(self, ev: StoredEvent) -> Row:
         return {

@@ -1,7 +1,10 @@
 """Keeps a :class:`Projector` current: a durable JetStream pull consumer on ``SF_EVENTS``.
 
 Batches are fetched (up to ``batch_size``, short timeout so lag stays low),
-applied in one transaction, and only then acknowledged. A crash between
+applied in one transaction, and only then acknowledged. An idle runner waits
+for one event and then takes whatever else is already there, rather than
+letting a multi-message fetch hold the first event back while it waits for
+more (a pull request for N messages only returns early when none are pending). A crash between
 commit and ack causes a redelivery that the projector's position check skips.
 
 The consumer is durable on a file-backed stream, so it survives a NATS server
@@ -56,6 +59,14 @@ class Committed:
 CommitHook = Callable[[Committed], None]
 
 
+def _pending(msg: Msg) -> int:
+    """Messages the consumer still had to deliver after ``msg``."""
+    try:
+        return int(msg.metadata.num_pending or 0)
+    except (nats.errors.NotJSMessageError, ValueError, IndexError):  # not a JetStream reply subject
+        return 0
+
+
 def _aware(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
@@ -79,7 +90,7 @@ class ProjectionRunner:
         durable_name: str = "sf-projector",
         *,
         stream: str = EVENTS_STREAM,
-        batch_size: int = 256,
+        batch_size: int = 1000,
         fetch_timeout: float = 0.5,
         max_ack_pending: int = 20_000,
         ack_wait: float = 30.0,
@@ -104,6 +115,7 @@ class ProjectionRunner:
         self._progress = asyncio.Condition()
         self._recreate = False
         self._allow_gap = False
+        self._backlog = False
         self._log = log.bind(durable=durable_name, stream=stream, projection=projector.name)
 
     # --- life cycle ---------------------------------------------------------------------------------
@@ -157,13 +169,30 @@ class ProjectionRunner:
         try:
             while not self._stop.is_set():
                 try:
-                    msgs = await sub.fetch(self.batch_size, timeout=self.fetch_timeout)
+                    msgs = await self._fetch(sub)
                 except nats.errors.TimeoutError:
                     continue
                 await self._handle(msgs)
         finally:
             with contextlib.suppress(Exception):  # best effort: the connection may be down
                 await sub.unsubscribe()
+
+    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """The next batch: everything already waiting (up to ``batch_size``), as soon as there is one event.
+
+        Raises:
+            nats.errors.TimeoutError: nothing arrived within ``fetch_timeout``.
+        """
+        if self._backlog or self.batch_size == 1:
+            msgs = await sub.fetch(self.batch_size, timeout=self.fetch_timeout)
+        else:
+            msgs = await sub.fetch(1, timeout=self.fetch_timeout)
+            waiting = _pending(msgs[-1])
+            if waiting:
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    msgs += await sub.fetch(min(self.batch_size - 1, waiting), timeout=self.fetch_timeout)
+        self._backlog = _pending(msgs[-1]) > 0
+        return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
         events = [decode_message(m) for m in msgs]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import socket
 
 import pytest
 
@@ -161,3 +163,59 @@ def test_gro_batch_that_is_not_one_run_falls_back() -> None:
     for d in wire:
         rx._on_datagram(memoryview(d), ADDR)
     assert len(sink.frames) == 1
+
+
+class _BlockingSock:
+    """Stands in for the UDP socket: refuses sends while ``block`` is set."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.block = True
+        self.sent: list[bytes] = []
+
+    def sendmsg(self, bufs: list[bytes], anc: object = (), flags: int = 0, addr: object = None) -> int:
+        if self.block:
+            raise BlockingIOError
+        data = b"".join(bytes(b) for b in bufs)
+        self.sent.append(data)
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        pass
+
+
+class _PausingSink(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause_device(self) -> None:
+        self.paused = True
+
+    def resume_device(self) -> None:
+        self.paused = False
+
+
+async def test_full_socket_queues_and_pauses_the_device() -> None:
+    real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = _PausingSink()
+    link = DatagramLink(PlainChannel(initiator=True), sink, remote=ADDR, path_mtu=1500)
+    fake = _BlockingSock(real.fileno())
+    link.sock = fake  # type: ignore[assignment]
+    link.peer = ADDR
+    try:
+        link.send_frame(memoryview(b"a" * 100), 0)
+        link.send_frame(memoryview(b"b" * 20000), 0)  # split: queued as GSO batches
+        assert sink.paused and fake.sent == []
+        fake.block = False
+        await asyncio.sleep(0.05)  # the real socket is writable: the queue drains in order
+        assert not sink.paused
+        assert fake.sent[0][0] == MsgType.PLAIN and fake.sent[0].endswith(b"a" * 100)
+        assert all(d[0] == MsgType.PIECE for d in fake.sent[1:])
+    finally:
+        link.sock = None
+        asyncio.get_running_loop().remove_writer(real.fileno())
+        real.close()

@@ -229,3 +229,55 @@ async def test_vnet_and_plain_devices_interwork() -> None:
         assert await _recv(p.dev_c) == b"F" * 100
         p.dev_s.peer.send(bytes([1, 1]) + bytes(8) + b"G" * 100)  # GSO frame: cannot be written
         await _until(lambda: p.client.stats.drops.get("offload_mismatch", 0) == 1)
+
+
+async def test_partial_writes_never_corrupt_records() -> None:
+    """A tiny send buffer forces partial sends of 60 KiB records; every record still opens."""
+    async with running(Kit("stream")) as p:
+        await _until(lambda: p.server.channel is not None and p.server.channel.ready)
+        for t in (p.client, p.server):
+            conn = t.link.conn  # type: ignore[union-attr]
+            assert conn is not None and conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        frames = [bytes([i]) * 60000 for i in range(40)]
+        loop = asyncio.get_running_loop()
+
+        async def produce() -> None:
+            for f in frames:
+                while True:
+                    try:
+                        p.dev_c.peer.send(f)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.001)
+
+        async def consume() -> None:
+            for f in frames:
+                assert await loop.sock_recv(p.dev_s.peer, 1 << 17) == f
+
+        async with asyncio.timeout(20):
+            await asyncio.gather(produce(), consume())
+        assert not p.server.stats.drops and not p.client.stats.drops
+
+
+async def test_datagram_client_recovers_from_a_server_restart() -> None:
+    policy = RekeyPolicy(rekey_timeout=0.5, keepalive=0.4)
+    kit = Kit("datagram", policy=policy)
+    server = kit.server()
+    await server.start()
+    port = server.bound_port()
+    client = kit.client(port)
+    await client.start()
+    try:
+        await _until(lambda: server.stats.state == "up" and client.stats.state == "up")
+        await server.stop()  # the new server knows nothing of the old session
+        server = kit.server(port)
+        await server.start()
+        await _until(lambda: server.stats.state == "up", 5)  # client noticed the silence and re-handshook
+        await _exchange(Pair(kit, server, client), [b"again" * 10], settle=True)
+        assert client.stats.handshakes >= 2
+    finally:
+        await client.stop()
+        await server.stop()
+        kit.close()
