@@ -54,3 +54,17 @@ async def test_vlan_join_is_refused_clearly_without_8021q(vnas_for) -> None:  # 
             SegmentJoin(overlay_id="ovnet10", interface=vn.lab.link("vna1", "lan1"), vlan_id=10),
             Ack,
         )
+
+
+async def test_discovery_reports_lans_and_hosts(vnas_for) -> None:  # type: ignore[no-untyped-def]
+    from bus.vna import Discovery
+
+    vn = await vnas_for("lab-reference.yaml")
+    for vna in ("vna1", "vna2"):
+        await vn.join(vna, "ovnet10", "lan1")
+    await vn.connect("ovnet10", server="vna2", client="vna1")
+    assert await _ping_ok(vn, "asw", "10.1.1.10")
+    found = await vn.cmd("vna1", "discover", Empty(), Discovery)
+    by_if = {lan.interface: lan for lan in found.lans}
+    assert any(s.startswith("198.51.100.10/") for s in by_if["wan"].subnets)
+    assert vn.lab.link("vna1", "lan1") in by_if
