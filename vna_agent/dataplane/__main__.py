@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataplaneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as exc:  # bad config file (pydantic errors are ValueErrors), unreadable paths
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

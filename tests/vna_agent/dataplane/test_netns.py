@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,16 +40,24 @@ def lab() -> Iterator[NsLab]:
 
 
 @contextlib.contextmanager
-def endpoints(lab: NsLab, cli: dict[str, Any], srv: dict[str, Any], *, up: bool = True) -> Iterator[tuple[Path, Path]]:
-    """Start server (site B) and client (site A) endpoints; stop them afterwards."""
-    pb, st_b = lab.endpoint(lab.b, "b", srv)
-    pa, st_a = lab.endpoint(lab.a, "a", cli)
+def endpoints(
+    lab: NsLab, tag: str, cli: dict[str, Any], srv: dict[str, Any], *, up: bool = True
+) -> Iterator[tuple[Path, Path]]:
+    """Start server (site B) and client (site A) endpoints named after ``tag``; stop them afterwards."""
+    pb, st_b = lab.endpoint(lab.b, f"{tag}-b", srv)
+    pa, st_a = lab.endpoint(lab.a, f"{tag}-a", cli)
     try:
-        if up:
-            for st, proc in ((st_a, pa), (st_b, pb)):
-                status = wait_status(st, lambda s: s["state"] == "up", 15)
-                assert status.get("state") == "up", (status, proc.poll(), _log(lab, st))
+        for st, proc in ((st_a, pa), (st_b, pb)):
+            status = wait_status(st, lambda s: s["state"] == "up" or not up, 15)
+            assert proc.poll() is None, (status, _log(lab, st))
+            assert status.get("state") == "up" or not up, (status, _log(lab, st))
         yield st_a, st_b
+    except BaseException:
+        lab.stop(pa)
+        lab.stop(pb)
+        for st in (st_a, st_b):  # the lab (and these logs) is removed after the module
+            print(f"--- {st.name}\n{_log(lab, st)}")
+        raise
     finally:
         lab.stop(pa)
         lab.stop(pb)
@@ -101,8 +110,11 @@ def _assert_counters_match(a: dict[str, Any], b: dict[str, Any], min_bytes: int)
     assert a["bytes_out"] == b["bytes_in"] and b["bytes_out"] == a["bytes_in"]
     assert a["frames_out"] == b["frames_in"] and b["frames_out"] == a["frames_in"]
     assert a["bytes_out"] >= min_bytes
-    bad = {k: v for k, v in {**a["drops"], **b["drops"]}.items() if k != "link_down"}
-    assert not bad, bad
+    for side in (a, b):
+        # the TAP's own host stack may send an IGMP report before the session exists
+        early = {k: v for k, v in side["drops"].items() if k in ("link_down", "no_session")}
+        bad = {k: v for k, v in side["drops"].items() if k not in early}
+        assert not bad and sum(early.values()) <= 4, json.dumps(side)
 
 
 def _arp_resolved(lab: NsLab) -> bool:
@@ -125,11 +137,45 @@ def _check_tunnel(lab: NsLab, st_a: Path, st_b: Path, *, encrypted: bool, superp
         assert a["handshakes"] >= 1 and a["session"]["ready"] and a["last_handshake"]
 
 
+@pytest.mark.parametrize(
+    ("mode", "transport", "offload"),
+    [("datagram", "datagram", True), ("plain", "stream", True), ("plain", "datagram", False)],
+)
+def test_tunnel_carries_arp_ping_and_tcp(lab: NsLab, mode: str, transport: str, offload: bool) -> None:
+    cli, srv = endpoint_configs(lab, mode, offload=offload, transport=transport)
+    with endpoints(lab, f"{mode}-{transport}", cli, srv) as (st_a, st_b):
+        _check_tunnel(lab, st_a, st_b, encrypted=mode != "plain", superpackets=False)
+
+
+def test_peer_with_wrong_key_is_refused(lab: NsLab) -> None:
+    cli, srv = endpoint_configs(lab, "stream", offload=True)
+    srv["peer_public_key"] = StaticKeyPair.generate().public.b64()  # not the client's key
+    with endpoints(lab, "wrongkey", cli, srv, up=False) as (st_a, st_b):
+        b = wait_status(st_b, lambda s: s["handshakes_refused"] >= 1)
+        assert b["handshakes_refused"] >= 1 and b["state"] != "up"
+        assert not _ping(lab, count=1, timeout=0.5)
+        a = read_status(st_a)
+        assert a is not None and a["state"] != "up" and a["handshakes"] == 0
+
+
+def test_kernel_vxlan(lab: NsLab) -> None:
+    cli, srv = endpoint_configs(lab, "vxlan", offload=False)
+    with endpoints(lab, "vxlan", cli, srv) as (st_a, _):
+        assert _ping(lab)
+        sent, received = _transfer(lab, nbytes=1 << 20)
+        assert sent == received
+        k = wait_status(st_a, lambda s: s.get("kernel", {}).get("tx_bytes", 0) > 1 << 20)["kernel"]
+        assert k["tx_bytes"] > 1 << 20 and k["rx_packets"] > 10  # GSO: packets count superpackets
+
+
+# The stream tests share one tunnel; they come last so it is torn down with the module.
+
+
 @pytest.fixture(scope="module")
 def stream_tunnel(lab: NsLab) -> Iterator[tuple[Path, Path]]:
     """One encrypted stream tunnel shared by the stream tests (endpoints take about a second to start)."""
     cli, srv = endpoint_configs(lab, "stream", offload=True)
-    with endpoints(lab, cli, srv) as paths:
+    with endpoints(lab, "stream", cli, srv) as paths:
         yield paths
 
 
@@ -161,7 +207,9 @@ def test_moved_mac_is_relearned_at_once(lab: NsLab, stream_tunnel: tuple[Path, P
     assert wait_for(lambda: asyncio.run(switch_b.lookup(mac)) == f"{p}t", 1.0)
     assert _ping(lab, dst=ip, src=lab.sb, count=1, timeout=1.0)
     assert time.monotonic() - t0 < 2.0
-    # on-demand flush for hosts that move silently
+    # on-demand flush for hosts that move silently (quiet it first so nothing re-teaches the MAC)
+    run("ip", "-n", m2, "link", "set", f"{p}q", "down")
+    time.sleep(0.1)  # frames already in the tunnel
     assert asyncio.run(switch_b.flush_mac(mac)) >= 1
     assert asyncio.run(switch_b.lookup(mac)) is None
 
@@ -181,34 +229,3 @@ def test_cut_tcp_connection_recovers_and_inner_flow_survives(lab: NsLab, stream_
     assert a["disconnects"] > before["disconnects"] and a["connects"] > before["connects"]
     assert a["handshakes"] > before["handshakes"]
     assert _ping(lab, count=1)
-
-
-@pytest.mark.parametrize(
-    ("mode", "transport", "offload"),
-    [("datagram", "datagram", True), ("plain", "stream", True), ("plain", "datagram", False)],
-)
-def test_tunnel_carries_arp_ping_and_tcp(lab: NsLab, mode: str, transport: str, offload: bool) -> None:
-    cli, srv = endpoint_configs(lab, mode, offload=offload, transport=transport)
-    with endpoints(lab, cli, srv) as (st_a, st_b):
-        _check_tunnel(lab, st_a, st_b, encrypted=mode != "plain", superpackets=False)
-
-
-def test_peer_with_wrong_key_is_refused(lab: NsLab) -> None:
-    cli, srv = endpoint_configs(lab, "stream", offload=True)
-    srv["peer_public_key"] = StaticKeyPair.generate().public.b64()  # not the client's key
-    with endpoints(lab, cli, srv, up=False) as (st_a, st_b):
-        b = wait_status(st_b, lambda s: s["handshakes_refused"] >= 1)
-        assert b["handshakes_refused"] >= 1 and b["state"] != "up"
-        assert not _ping(lab, count=1, timeout=0.5)
-        a = read_status(st_a)
-        assert a is not None and a["state"] != "up" and a["handshakes"] == 0
-
-
-def test_kernel_vxlan(lab: NsLab) -> None:
-    cli, srv = endpoint_configs(lab, "vxlan", offload=False)
-    with endpoints(lab, cli, srv) as (st_a, _):
-        assert _ping(lab)
-        sent, received = _transfer(lab, nbytes=1 << 20)
-        assert sent == received
-        k = wait_status(st_a, lambda s: s.get("kernel", {}).get("tx_bytes", 0) > 1 << 20)["kernel"]
-        assert k["tx_bytes"] > 1 << 20 and k["rx_packets"] > 10  # GSO: packets count superpackets

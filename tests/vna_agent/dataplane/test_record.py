@@ -139,3 +139,15 @@ def test_plain_channel_same_framing_no_tag() -> None:
     assert (bytes(payload), fl) == (b"frame", FLAG_VNET)
     with pytest.raises(DecodeError):
         p.open(memoryview(b"\x04" + bytes(20)))
+
+
+def test_fallback_without_encrypt_into(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older cryptography (no encrypt_into/decrypt_into) produces the same records."""
+    from vna_agent.dataplane import record
+
+    a, b = _sessions()
+    fast = _seal(a, b"same bytes")
+    monkeypatch.setattr(record, "_HAS_INTO", False)
+    a.next_counter = 0
+    assert _seal(a, b"same bytes") == fast
+    assert _open(b, fast) == b"same bytes"
