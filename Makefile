@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench bench-events schema clean
+.PHONY: setup demo test test-fast lint bench bench-events bench-overlay schema clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy bus manager vnm migrater vna_agent capture_agent deploy_agent mapper deploy/lab
 
-bench: bench-events
+bench: bench-events bench-overlay
+
+bench-overlay: setup
+	$(BIN)/python -m bench.bench_overlay --repeat 3 --duration 5 --out docs/benchmarks.md
 
 bench-events: setup
 	$(BIN)/python -m bench.bench_events --events 100000 --repeat 3 --out docs/benchmarks.md

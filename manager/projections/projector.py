@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
+from sqlalchemy import ColumnElement, String, Table, any_, delete, func, insert, literal, select, update
 from sqlalchemy import Row as SqlRow
-from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, CursorResult, Dialect, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -66,7 +66,7 @@ _CONFLICT_RETRIES = 3
 DEFAULT_CACHE_SIZE = 10_000
 #: Events per transaction when replaying the stream: a root touched several times in one
 #: batch has its rows written once, so replays go faster with batches of a few thousand.
-REPLAY_BATCH = 5_000
+REPLAY_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,13 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
         yield items[i : i + _CHUNK]
 
 
+def _among(col: Any, ids: Sequence[str], dialect: str) -> ColumnElement[bool]:
+    """``col IN ids``; on PostgreSQL ``col = ANY(:ids)``, one statement text (prepared once) for any count."""
+    if dialect == "postgresql":
+        return col == any_(literal(list(ids), postgresql.ARRAY(String)))  # type: ignore[no-any-return]
+    return col.in_(ids)  # type: ignore[no-any-return]
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite keeps no offset: every stored timestamp is UTC.
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
@@ -332,6 +339,9 @@ class Projector:
         self._blocking = create_blocking_engine(self.url, echo=echo)
         """SQLite file: batches are applied on this engine in :attr:`_worker` (one thread hop per batch)."""
         self._worker: ThreadPoolExecutor | None = None
+        self._writer: AsyncConnection | None = None
+        """PostgreSQL: the connection batches are applied on, kept between batches (no pool
+        check-out, pre-ping and reset per batch); dropped on any error."""
         self.cache_size = cache_size
         self.pause_gc = pause_gc
         self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
@@ -339,10 +349,13 @@ class Projector:
         """Stored position the cache is valid at (None: empty)."""
         self._committed: int | None = None
         """Stored position after this projector's last commit (None: read it)."""
+        self._applying = asyncio.Lock()
+        """One batch at a time per projector (the cache and the worker thread are not shared)."""
         self._log = log.bind(projection=name, db=self.url.render_as_string(hide_password=True))
 
     async def close(self) -> None:
         """Close every pooled connection."""
+        await self._drop_writer()
         await self.engine.dispose()
         if self._worker is not None:
             blocking, worker, self._worker = self._blocking, self._worker, None
@@ -424,6 +437,10 @@ class Projector:
             ProjectionConflict: another projector of the same name kept moving the position (after retries).
             ProjectionStoreError: the database failed; nothing was applied.
         """
+        async with self._applying:
+            return await self._apply_retrying(events, allow_gap)
+
+    async def _apply_retrying(self, events: Sequence[Incoming], allow_gap: bool) -> ApplyResult:
         attempt = 1
         while True:
             try:
@@ -436,11 +453,17 @@ class Projector:
                             res, roots = await loop.run_in_executor(
                                 self._worker, self._apply_blocking, self._blocking, events, allow_gap
                             )
+                        elif self.url.get_backend_name() == "postgresql":
+                            if self._writer is None:
+                                self._writer = await self.engine.connect()
+                            async with self._writer.begin():
+                                res, roots = await self._apply(self._writer, events, allow_gap)
                         else:
                             async with self.engine.begin() as conn:
                                 res, roots = await self._apply(conn, events, allow_gap)
                     except BaseException:
                         self._committed = None  # the commit may have happened: read the position next time
+                        await self._drop_writer()
                         raise
                     self._committed = res.position
                     if roots is not None:  # committed: only now may later batches rely on these states
@@ -452,6 +475,12 @@ class Projector:
                     raise
                 self._log.info("projection_conflict_retry", attempt=attempt)
                 attempt += 1
+
+    async def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):  # it may be the broken one
+                await writer.close()
 
     def _apply_blocking(
         self, engine: Engine, events: Sequence[Incoming], allow_gap: bool
@@ -598,7 +627,7 @@ class Projector:
             stored: dict[str, SqlRow[Any]] = {}
             for chunk in _chunks(missing):
                 q = select(a.c.aggregate_id, a.c.version, a.c.state, a.c.updated_at).where(
-                    a.c.aggregate_type == agg_type, a.c.aggregate_id.in_(chunk)
+                    a.c.aggregate_type == agg_type, _among(a.c.aggregate_id, chunk, conn.dialect.name)
                 )
                 stored |= {row.aggregate_id: row for row in await conn.execute(q)}
             for agg_id in missing:
@@ -657,7 +686,7 @@ class Projector:
             r.written = owned
         for table, (col, ids) in stale.items():
             for chunk in _chunks(ids):
-                await conn.execute(delete(table).where(col.in_(chunk)))
+                await conn.execute(delete(table).where(_among(col, chunk, conn.dialect.name)))
         for table, rows in upserts.items():
             if rows:
                 await _upsert(conn, table, rows)

@@ -1,11 +1,11 @@
 """Keeps a :class:`Projector` current: a durable JetStream pull consumer on ``SF_EVENTS``.
 
 Batches are fetched (up to ``batch_size``, short timeout so lag stays low),
-applied in one transaction, and only then acknowledged. An idle runner waits
-for one event and then takes whatever else is already there, rather than
-letting a multi-message fetch hold the first event back while it waits for
-more (a pull request for N messages only returns early when none are pending). A crash between
+applied in one transaction, and only then acknowledged. A crash between
 commit and ack causes a redelivery that the projector's position check skips.
+An idle runner waits for one event, then takes whatever else is already there:
+a pull for N messages that finds none waiting would hold the first event back
+until N arrive or the fetch times out.
 
 The consumer is durable on a file-backed stream, so it survives a NATS server
 restart; the client reconnects and the runner carries on. When the consumer

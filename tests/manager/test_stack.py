@@ -36,6 +36,7 @@ async def test_stack_roles_and_restart(tmp_path: Path) -> None:
         await agent.nc.flush()
         # ...while what agents are for still works.
         status = await cli.nc.subscribe("sf.status.>")
+        await cli.nc.flush()
         await agent.nc.publish("sf.status.vna.v1", b"\x80")
         assert (await status.next_msg(timeout=2)).subject == "sf.status.vna.v1"
         await asyncio.sleep(0.2)

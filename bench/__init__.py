@@ -1,0 +1,1 @@
+"""Benchmarks of Skyferry; see ``bench/README.md`` for how to run each one."""
