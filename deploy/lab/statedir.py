@@ -7,6 +7,7 @@ used nor removed: a typo in ``state_dir`` cannot wipe someone's files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -96,8 +97,13 @@ class StateDir:
             return False
         if self.owned():
             shutil.rmtree(self.path)
-            return True
-        if not any(self.path.iterdir()):
+        elif not any(self.path.iterdir()):
             self.path.rmdir()
-            return True
-        return False
+        else:
+            return False
+        parent = self.path.parent
+        if parent.name == "skyferry-lab":
+            # The shared parent goes once the last lab under it is gone (another lab may race us).
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        return True
