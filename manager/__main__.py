@@ -11,6 +11,7 @@ from bus import signing
 from bus.connection import BusConfig
 from bus.logs import configure_logging
 from manager.app import ManagerApp, ManagerConfig
+from manager.gc_tuning import tune_gc
 
 
 def _args() -> argparse.Namespace:
@@ -40,6 +41,7 @@ async def _run(args: argparse.Namespace) -> None:
         cfg.instance = args.instance
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    tune_gc()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with ManagerApp(cfg):

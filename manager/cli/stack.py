@@ -24,6 +24,7 @@ from manager.cli.events import EventPrinter, TailOptions, tail_events
 from manager.cli.output import Output
 from manager.cli.records import export_network_map, import_network_map, read_network_map
 from manager.cli.views import render_app_map, render_network_map
+from manager.gc_tuning import tune_gc
 from manager.stack import ADMIN_ID, Stack
 
 NETWORK_SAMPLE = "network-map.yaml"
@@ -79,6 +80,7 @@ def up(
         stack = Stack(home or settings.home, host=host, port=port)
         try:
             await stack.start()
+            tune_gc()
             _print_up(settings.out, stack)
             await stop.wait()
             settings.out.note("stopping...")
