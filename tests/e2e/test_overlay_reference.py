@@ -68,3 +68,31 @@ async def test_discovery_reports_lans_and_hosts(vnas_for) -> None:  # type: igno
     by_if = {lan.interface: lan for lan in found.lans}
     assert any(s.startswith("198.51.100.10/") for s in by_if["wan"].subnets)
     assert vn.lab.link("vna1", "lan1") in by_if
+
+
+async def test_kernel_vxlan_for_trusted_links(vnas_for) -> None:  # type: ignore[no-untyped-def]
+    from bus.vna import TunnelAdd, TunnelStatus
+
+    vn = await vnas_for("lab-reference.yaml")
+    lab = vn.lab
+    for vna in ("vna1", "vna2"):
+        await vn.join(vna, "ovnet10", "lan1")
+    a, b = str(lab.addr("vna1", "wan").ip), str(lab.addr("vna2", "wan").ip)
+    for vna, local, remote in (("vna1", a, b), ("vna2", b, a)):
+        await vn.cmd(
+            vna,
+            "tunnel_add",
+            TunnelAdd(
+                overlay_id="ovnet10",
+                tunnel_id="vx",
+                role="client",
+                mode="vxlan",
+                connect=f"{remote}:4789",
+                local=local,
+                vni=10,
+            ),
+            TunnelStatus,
+        )
+    assert await _ping_ok(vn, "asw", "10.1.1.10")
+    status = await vn.cmd("vna1", "status", Empty(), VnaStatus)
+    assert [t.mode for t in status.tunnels] == ["vxlan"]
