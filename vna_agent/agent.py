@@ -265,7 +265,7 @@ class VnaAgent:
     async def status(self) -> VnaStatus:
         switches = [await self.switch_status(sw) for sw in self.switches.values()]
         tunnels = [self.tunnel_status(t) for t in self.tunnels.values()]
-        health = "ok" if all(t.state in ("up", "established", "running") for t in tunnels) else "degraded"
+        health = "ok" if all(t.state == "up" for t in tunnels) else "degraded"
         return VnaStatus(
             vna_id=self.vna_id, health=health, switches=switches, tunnels=tunnels, capabilities=self.capabilities
         )

@@ -37,6 +37,7 @@ async def test_asw_reaches_wsw_across_data_centers(vnas_for, mode: str) -> None:
     status = await vn.cmd("vna1", "status", Empty(), VnaStatus)
     (tun,) = status.tunnels
     assert tun.bytes_out > 2_000_000 and tun.overlay_mtu and tun.overlay_mtu >= 1500
+    assert tun.state == "up" and tun.last_handshake is not None and status.health == "ok"
     macs = status.switches[0].macs
     assert macs.get(lab.mac("wsw", "eth0")) not in (None, lab.link("vna1", "lan1"))
 
