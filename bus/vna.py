@@ -16,16 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bus.models.common import Id, MacAddress, VlanId
 
+# The same modes as the network map's local overlay networks (re-exported).
+from bus.models.network import TunnelMode as TunnelMode
+
 
 class VnaMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class TunnelMode(StrEnum):
-    STREAM = "stream"
-    DATAGRAM = "datagram"
-    PLAIN = "plain"
-    VXLAN = "vxlan"
 
 
 class TunnelRole(StrEnum):
