@@ -108,7 +108,17 @@ async def test_three_node_cluster_survives_a_node_loss(cluster) -> None:  # type
                     break
                 except Exception:
                     await asyncio.sleep(0.1)
-        events = await rec.read("app", "a1")
+            else:
+                raise AssertionError(f"append {i} never succeeded after the node loss")
+        # The stream may still be electing a new leader: reads are retried like the appends.
+        events = None
+        for _ in range(100):
+            try:
+                events = await rec.read("app", "a1")
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        assert events is not None, "the stream never became readable again"
         assert [e.data["i"] for e in events] == list(range(40))
         assert bus.nc.connected_url is not None and bus.nc.connected_url.port != connected.port
     finally:
