@@ -24,7 +24,7 @@ def test_user_create_writes_key_and_can_act(sf: Sf, tmp_path: Path, stack_home: 
     assert me == {"id": name, "display_name": "", "groups": ["netops"], "authorisations": ["network-read"]}
     # The public key is all the manager has: the seed never left this machine.
     record = as_json(sf("-o", "json", "user", "show", name))["record"]
-    assert record["public_key"] == created["public_key"] and "SU" not in str(record)
+    assert record["public_key"] == created["public_key"] and key.read_text().strip() not in str(record)
 
     # Default key place: <home>/keys/<name>.nk, found again by --user alone.
     other = f"bo-{uuid.uuid4().hex[:6]}"
