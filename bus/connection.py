@@ -11,7 +11,8 @@ import nats
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
 
 from bus.errors import BusUnavailable
 from bus.subjects import ALERTS_ALL, ALERTS_STREAM, EVENTS_ALL, EVENTS_STREAM, FLOWS_ALL, FLOWS_STREAM
@@ -138,6 +139,16 @@ class Bus:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def open_kv(bus: Bus, bucket: str, *, ttl_s: float, history: int = 1) -> KeyValue:
+    """Bind to a JetStream KV bucket, creating it (file storage, with a TTL) if missing."""
+    try:
+        return await bus.js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await bus.js.create_key_value(
+            KeyValueConfig(bucket=bucket, ttl=ttl_s, history=history, storage=StorageType.FILE)
+        )
 
 
 async def ensure_streams(bus: Bus, *, replicas: int = 1, flow_max_age_s: float = 86_400) -> None:

@@ -12,10 +12,9 @@ from typing import Protocol
 
 import msgpack
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from bus.connection import Bus
+from bus.connection import Bus, open_kv
 
 IDEMPOTENCY_BUCKET = "SF_IDEMPOTENCY"
 
@@ -54,13 +53,7 @@ class KvIdempotencyStore:
 
     @classmethod
     async def open(cls, bus: Bus, *, ttl_s: float = 7 * 86_400) -> KvIdempotencyStore:
-        try:
-            kv = await bus.js.key_value(IDEMPOTENCY_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            kv = await bus.js.create_key_value(
-                KeyValueConfig(bucket=IDEMPOTENCY_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE)
-            )
-        return cls(kv)
+        return cls(await open_kv(bus, IDEMPOTENCY_BUCKET, ttl_s=ttl_s))
 
     async def get(self, scope: str, key: str) -> tuple[bytes, dict[str, str]] | None:
         try:

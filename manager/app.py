@@ -14,6 +14,7 @@ from bus import signing
 from bus.client import Identity
 from bus.connection import Bus, BusConfig, ensure_streams
 from bus.envelope import new_id
+from bus.heartbeat import run_heartbeat
 from bus.kinds import KINDS, Aggregate
 from bus.messages import all_event_models, event_type
 from bus.models import UserAccount
@@ -21,7 +22,6 @@ from bus.models.users import Authorisation
 from bus.schema_doc import build_document
 from manager.auth import AuthorisingAuthenticator
 from manager.follower import StreamFollower
-from manager.heartbeat import run_heartbeat
 from manager.projections import ProjectionRunner, Projector
 from manager.saga import SagaCoordinator, SagaService
 from manager.service import SERVICE, ManagerService
@@ -134,8 +134,7 @@ class ManagerApp:
         assert self.repo is not None
         if only_if_no_users and self.repo.cached(Aggregate.USER):
             return
-        existing = self.repo._cache.get((Aggregate.USER, admin.id))
-        if existing is not None and existing.state is not None:
+        if self.repo.current(Aggregate.USER, admin.id) is not None:
             return
 
         def decide(cur: Loaded) -> tuple[str, dict[str, Any]]:

@@ -7,11 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from bus import signing
-from bus.connection import Bus
+from bus.connection import Bus, open_kv
 from bus.envelope import Envelope
 from bus.errors import Forbidden, Unauthenticated
 from bus.models.users import Authorisation, UserAccount
@@ -32,13 +31,7 @@ class KvNonceStore:
 
     @classmethod
     async def open(cls, bus: Bus, *, ttl_s: float = 2 * signing.REPLAY_WINDOW.total_seconds()) -> KvNonceStore:
-        try:
-            kv = await bus.js.key_value(NONCE_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            kv = await bus.js.create_key_value(
-                KeyValueConfig(bucket=NONCE_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE)
-            )
-        return cls(kv)
+        return cls(await open_kv(bus, NONCE_BUCKET, ttl_s=ttl_s))
 
     async def remember(self, msg_id: str) -> bool:
         key = hashlib.sha256(msg_id.encode()).hexdigest()[:40]

@@ -15,7 +15,7 @@ import structlog
 from pydantic import BaseModel
 
 from bus.connection import Bus
-from bus.errors import Forbidden, NotFound, ValidationFailed
+from bus.errors import AlreadyExists, Forbidden, NotFound, ValidationFailed
 from bus.idempotency import KvIdempotencyStore
 from bus.kinds import KINDS, ROOT_KIND, Aggregate, RecordKind
 from bus.messages import (
@@ -71,8 +71,7 @@ class ManagerService:
         self.authenticator: SignatureAuthenticator | None = None
 
     def lookup_user(self, user_id: str) -> UserAccount | None:
-        hit = self.repo._cache.get((Aggregate.USER, user_id))
-        state = hit.state if hit else None
+        state = self.repo.current(Aggregate.USER, user_id)
         return state if isinstance(state, UserAccount) else None
 
     async def start(self) -> BusService:
@@ -287,7 +286,7 @@ class ManagerService:
         def decide(cur: Loaded) -> Decision:
             if cur.state is not None:
                 if not req.replace:
-                    raise_exists(app_id)
+                    raise AlreadyExists(f"app {app_id!r} already exists (use replace)")
                 self._guard(ctx, kind, cur, Right.WRITE)
             return event_type("app", "imported"), {"map": req.map.model_dump(mode="json")}
 
@@ -414,12 +413,6 @@ def refuse_plain_secrets(record: BaseModel) -> None:
             "plain secrets are not stored in maps; reference them with credentials.key_ref",
             details={"errors": [{"loc": p.removeprefix("."), "msg": "secret not allowed"} for p in found]},
         )
-
-
-def raise_exists(app_id: str) -> None:
-    from bus.errors import AlreadyExists
-
-    raise AlreadyExists(f"app {app_id!r} already exists (use replace)")
 
 
 def _bind(

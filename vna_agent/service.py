@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from bus import codec, subjects
 from bus.connection import Bus
+from bus.heartbeat import run_heartbeat
 from bus.messages import Empty
 from bus.service import BusService, CommandContext
 from bus.subjects import Header
@@ -29,7 +30,6 @@ from bus.vna import (
     TunnelStatus,
     VnaStatus,
 )
-from manager.heartbeat import run_heartbeat
 from vna_agent.agent import VnaAgent
 
 log = structlog.get_logger(__name__)

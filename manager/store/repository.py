@@ -95,6 +95,11 @@ class Repository:
         state = apply_event(agg, cur.state if cur else None, ev.event_type, ev.data)
         self._cache[key] = Loaded(agg, ev.aggregate_id, state, ev.position, (cur.events if cur else 0) + 1)
 
+    def current(self, aggregate: Aggregate, agg_id: str) -> BaseModel | None:
+        """The cached live state of one root (None if unknown or deleted); no I/O."""
+        hit = self._cache.get((aggregate, agg_id))
+        return hit.state if hit else None
+
     def cached(self, aggregate: Aggregate) -> list[Loaded]:
         """Every live (not deleted) root of a type, by id."""
         return sorted(
