@@ -185,7 +185,7 @@ class VnaAgent:
             peer = Peer(req.peer.name, PublicKey.from_b64(req.peer.public_key))
         elif req.mode in (TunnelMode.STREAM, TunnelMode.DATAGRAM):
             raise ValidationFailed("encrypted tunnels need the peer's public key")
-        tunnel = Tunnel(cfg, identity=self.identity, peer=peer, flow_hook=sw.flows.hook)
+        tunnel = Tunnel(cfg, identity=self.identity, peer=peer, flow_hook=sw.flows.hook, flow_sampler=sw.flows.sample)
         await self.loop.run(tunnel.start())
         self.tunnels[req.tunnel_id] = TunnelEntry(req, tunnel)
         log.info("tunnel_added", vna=self.vna_id, tunnel=req.tunnel_id, mode=req.mode.value, role=req.role.value)
@@ -275,6 +275,9 @@ class VnaAgent:
         return Discovery(vna_id=self.vna_id, lans=lans)
 
     def flow_stats(self, sw: OverlaySwitch) -> tuple[FlowStats, list[Conflict]]:
+        for t in self.tunnels.values():
+            if t.spec.overlay_id == sw.overlay_id:
+                t.tunnel.flush_flows()
         start, end, counts, ip_conflicts = sw.flows.drain()
         flows = [
             FlowRecord(src_mac=k[0], dst_mac=k[1], src_ip=k[2], dst_ip=k[3], packets=v[0], bytes=v[1])

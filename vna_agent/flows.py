@@ -29,16 +29,20 @@ class FlowTable:
 
     def hook(self, payload: memoryview, vnet: bool, direction: Direction) -> None:
         """The tunnels' FlowHook: count the frame (a superpacket counts as its segments)."""
-        info = parse_frame(payload, vnet)
+        self.sample(payload, len(payload), 0, vnet, direction)
+
+    def sample(self, head: memoryview | bytes, length: int, segments: int, vnet: bool, direction: Direction) -> None:
+        """The native fast path's FlowSampler: a frame's head, its length and wire packets (0: work it out)."""
+        info = parse_frame(head, vnet)
         if info is None:
             return
-        size = len(payload) - (_VNET if vnet else 0)
+        size = length - (_VNET if vnet else 0)
         with self.lock:
             c = self.counts[(info.src_mac, info.dst_mac, info.src_ip, info.dst_ip)]
-            c[0] += info.segments
+            c[0] += segments or info.segments
             c[1] += size
         if info.ethertype == ETH_P_ARP:
-            self._arp(payload[_VNET if vnet else 0 :])
+            self._arp(memoryview(head)[_VNET if vnet else 0 :])
 
     def _arp(self, frame: memoryview) -> None:
         if len(frame) < 42:

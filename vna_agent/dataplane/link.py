@@ -12,10 +12,14 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .stats import TunnelStats
+
+if TYPE_CHECKING:
+    from .fastpath import FastPath
 
 
 class FrameSink(Protocol):
@@ -31,6 +35,22 @@ class FrameSink(Protocol):
 
     def resume_device(self) -> None:
         """Read frames again."""
+
+    def fast_path(
+        self,
+        sock_fd: int,
+        *,
+        stream: bool,
+        on_message: Callable[[bytes, Any], None],
+        on_closed: Callable[[int], None],
+        on_peer: Callable[[Any], None] | None = None,
+        on_msgsize: Callable[[], None] | None = None,
+        chunk: int = 0,
+    ) -> FastPath | None:
+        """A native forwarding thread for the device and ``sock_fd`` (``None``: not available)."""
+
+    def fast_path_ended(self) -> None:
+        """The link stopped the fast path; the device is read in Python again."""
 
 
 class Link(Protocol):

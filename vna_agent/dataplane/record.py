@@ -52,6 +52,10 @@ class ReplayWindow:
         if d >= self._size or (d >= 0 and (self._bits >> d) & 1):
             raise ReplayedRecord("replayed or too old record")
 
+    def bits_bytes(self) -> bytes:
+        """The window bitmap, 256 bytes little-endian (bit i: ``top - i`` seen), for the fast path."""
+        return self._bits.to_bytes(self._size // 8, "little")
+
     def accept(self, counter: int) -> None:
         """Mark ``counter`` seen; raise :class:`ReplayedRecord` if it already was or is too old."""
         top = self.top

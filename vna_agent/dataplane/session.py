@@ -45,6 +45,10 @@ Clock = Callable[[], float]
 _DATA = int(MsgType.DATA)
 
 
+#: (local index, remote index, send key, recv key, next counter, limit, kind, window top, window bits)
+SessionRow = tuple[int, int, bytes, bytes, int, int, int, int, bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class RekeyPolicy:
     """When sessions are replaced and how long old ones live (seconds, counts)."""
@@ -295,6 +299,49 @@ class SecureChannel:
             self.next = None
             self._rotate(s)
         return payload, flags
+
+    # -- native fast path (fastpath.py) ---------------------------------------
+
+    def session_table(self) -> list[SessionRow]:
+        """Every keyed session for the native fast path: keys, counters, replay window, role.
+
+        Kind 0 seals (current), 1 becomes current on its first received record
+        (next), 2 only opens (previous).
+        """
+        rows: list[SessionRow] = []
+        for s in self._by_index.values():
+            kind = 0 if s is self.current else 1 if s is self.next else 2
+            w = s.window
+            rows.append(
+                (
+                    s.local_index,
+                    s.remote_index,
+                    s.keys.send_key,
+                    s.keys.recv_key,
+                    s.next_counter,
+                    s.limit,
+                    kind,
+                    w.top,
+                    w.bits_bytes(),
+                )
+            )
+        return rows
+
+    def promote(self, local_index: int) -> None:
+        """The fast path received the first record under ``next``: it is current now."""
+        s = self.next
+        if s is not None and s.local_index == local_index:
+            self.next = None
+            self._rotate(s)
+
+    def absorb_counters(self, counters: dict[int, tuple[int, int, int, int, int]]) -> None:
+        """Take the fast path's per-session counters (they drive rekeying)."""
+        for idx, (next_counter, rs, bs, rr, br) in counters.items():
+            s = self._by_index.get(idx)
+            if s is not None:
+                s.next_counter = max(s.next_counter, next_counter)
+                c = s.counters
+                c.records_sent, c.bytes_sent, c.records_received, c.bytes_received = rs, bs, rr, br
 
     # -- timers --------------------------------------------------------------
 

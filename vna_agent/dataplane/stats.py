@@ -58,6 +58,9 @@ class DropReason(StrEnum):
 
 #: Called with (payload, payload starts with virtio_net_hdr, direction).
 FlowHook = Callable[[memoryview, bool, Direction], None]
+#: The native fast path's flow feed: (frame head, frame length, wire packets, head starts with
+#: virtio_net_hdr, direction); the head holds at least the L2/L3 headers and an ARP body.
+FlowSampler = Callable[[bytes, int, int, bool, Direction], None]
 
 
 class TunnelState(StrEnum):

@@ -11,6 +11,13 @@ order, and tells us (``pause_writing``) to stop reading the TAP until its
 buffer drains. Receiving uses ``recv_into`` a preallocated ring buffer
 (``BufferedProtocol``) and decrypts records in place of the next read.
 
+Once the channel has keys, the link hands the socket and the TAP to the
+native fast path (:mod:`.fastpath`) when it is built: asyncio stops
+reading the socket, handshake messages come back as events, and every
+write (handshakes, keepalives) goes through the fast path so that nothing
+interleaves with its records. The fast path is stopped before the socket
+is closed.
+
 The client reconnects with exponential backoff and jitter, so it may come
 up before its server; the server accepts one authenticated connection per
 peer and a new authenticated connection replaces the old one.
@@ -26,8 +33,9 @@ from typing import Any
 import structlog
 
 from .errors import DecodeError, HandshakeError, LinkDown, RecordError, TransportError
+from .fastpath import FastPath
 from .link import Backoff, FrameSink, tune_tcp
-from .session import Channel, RekeyPolicy
+from .session import Channel, RekeyPolicy, SecureChannel
 from .stats import DropReason, TunnelState
 from .wire import MAX_MESSAGE, STREAM_LEN, MsgType
 
@@ -106,6 +114,12 @@ class _Conn(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         return None  # close
 
+    def take_unparsed(self) -> bytes:
+        """Bytes received but not parsed yet (a partial message), handed to the fast path."""
+        data = bytes(self._mv[self._start : self._end])
+        self._start = self._end = 0
+        return data
+
     # -- parsing -------------------------------------------------------------
 
     def _parse(self) -> None:
@@ -159,6 +173,8 @@ class _Conn(asyncio.BufferedProtocol):
         self.write(_LEN.pack(len(msg)) + msg)
 
     def abort(self) -> None:
+        if self.owner.fast_conn is self:
+            self.owner.disengage()  # the native thread must let go of the socket before it closes
         if self.transport is not None:
             self.transport.abort()
 
@@ -175,6 +191,59 @@ class _StreamLink:
         self._omv = memoryview(self._out)
         self._pos = 0
         self._room = TX_BUFFER - _LEN_SIZE - channel.overhead
+        self.fast: FastPath | None = None
+        self.fast_conn: _Conn | None = None
+
+    # -- native fast path --------------------------------------------------------
+
+    def engage(self, conn: _Conn) -> None:
+        """Hand ``conn`` to the fast path once its channel has keys (no-op when unavailable)."""
+        ch = self.channel
+        if self.fast is not None or conn is not self.conn or not isinstance(ch, SecureChannel):
+            return
+        t = conn.transport
+        if t is None or t.is_closing() or t.get_write_buffer_size() or not ch.session_table():
+            return  # the next handshake or tick tries again
+        sock = t.get_extra_info("socket")
+        if sock is None:
+            return
+        self.flush()
+        fast = self.sink.fast_path(
+            sock.fileno(),
+            stream=True,
+            on_message=lambda msg, _addr: self._fast_message(conn, msg),
+            on_closed=lambda err: self._fast_closed(conn, err),
+        )
+        if fast is None:
+            return
+        t.pause_reading()
+        self.fast, self.fast_conn = fast, conn
+        fast.start(conn.take_unparsed())
+        log.info("stream_fastpath_engaged", peer=_fmt(conn.peername))
+
+    def disengage(self) -> None:
+        """Stop the fast path (idempotent); the Python data path takes over."""
+        fast, conn = self.fast, self.fast_conn
+        if fast is None:
+            return
+        self.fast = self.fast_conn = None
+        fast.stop()
+        self.sink.fast_path_ended()
+        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.resume_reading()
+
+    def _fast_message(self, conn: _Conn, msg: bytes) -> None:
+        if msg and msg[0] in _HANDSHAKE:
+            self.on_handshake(conn, msg)
+            if self.fast is not None:
+                self.fast.sync()
+        else:
+            self.sink.stats.drop(DropReason.DECODE)
+
+    def _fast_closed(self, conn: _Conn, err: int) -> None:
+        if self.fast_conn is conn:
+            log.info("stream_fastpath_closed", peer=_fmt(conn.peername), errno=err)
+            conn.abort()
 
     # -- Link API --------------------------------------------------------------
 
@@ -211,6 +280,9 @@ class _StreamLink:
     # -- helpers ---------------------------------------------------------------
 
     def _send_keepalive(self) -> None:
+        if self.fast is not None:
+            self.fast.send_keepalive()
+            return
         try:
             self.send_frame(_EMPTY, 0)
         except RecordError as exc:
@@ -220,6 +292,10 @@ class _StreamLink:
         self.flush()
 
     def _send_handshake(self, conn: _Conn, msg: bytes) -> None:
+        if self.fast is not None and self.fast_conn is conn:
+            if not self.fast.send_message(msg):
+                conn.abort()
+            return
         self.flush()
         conn.send_message(msg)
 
@@ -232,6 +308,8 @@ class _StreamLink:
         raise NotImplementedError
 
     def on_lost(self, conn: _Conn, exc: Exception | None) -> None:
+        if self.fast_conn is conn:
+            self.disengage()
         if conn is self.conn:
             self.conn = None
             self._pos = 0
@@ -339,15 +417,26 @@ class StreamClient(_StreamLink):
         stats.last_handshake = time.time()
         if conn is not self.conn:
             self._activate(conn)
+        if self.fast is not None:
+            self.fast.sync()  # seal under the new session from now on
         stats.state = TunnelState.UP
         self._send_keepalive()  # confirms the new session to the responder
+        if self.fast is None:
+            asyncio.get_running_loop().call_soon(self.engage, conn)
 
     def tick(self) -> None:
         ch = self.channel
+        fast = self.fast
+        if fast is not None:
+            fast.tick()
         ch.expire()
+        if fast is not None:
+            fast.sync()
         conn = self.conn
         if conn is None or not ch.encrypted or not ch.ready:
             return
+        if fast is None:
+            self.engage(conn)
         if ch.handshake_overdue():
             log.warning("stream_rekey_unanswered", server=f"{self.host}:{self.port}")
             conn.abort()
@@ -439,7 +528,11 @@ class StreamServer(_StreamLink):
             self._pending.discard(conn)
             self.channel.forget_established()
             self._activate(conn)
+        if self.fast is not None:
+            self.fast.sync()  # the native side must know the new session before the peer uses it
         self._send_handshake(conn, reply)
+        if self.fast is None:
+            asyncio.get_running_loop().call_soon(self.engage, conn)
 
     def on_lost(self, conn: _Conn, exc: Exception | None) -> None:
         self._pending.discard(conn)
@@ -449,6 +542,13 @@ class StreamServer(_StreamLink):
             self.sink.stats.state = TunnelState.LISTENING
 
     def tick(self) -> None:
+        fast = self.fast
+        if fast is not None:
+            fast.tick()
         self.channel.expire()
+        if fast is not None:
+            fast.sync()
+        elif self.conn is not None:
+            self.engage(self.conn)
         if self.conn is not None and self.channel.ready:
             self.sink.stats.state = TunnelState.UP

@@ -14,6 +14,7 @@ import contextlib
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -22,13 +23,15 @@ import structlog
 
 from .datagram import DatagramLink
 from .errors import RecordError
+from .fastpath import Address, FastPath
+from .fastpath import available as fastpath_available
 from .handshake import TimestampGuard
 from .keys import Peer, PeerAllowList, StaticKeyPair
 from .link import Backoff, Link
 from .mtu import report as mtu_report
 from .plain import PlainChannel
 from .session import Channel, RekeyPolicy, SecureChannel
-from .stats import Direction, DropReason, FlowHook, TunnelState, TunnelStats, gso_segments
+from .stats import Direction, DropReason, FlowHook, FlowSampler, TunnelState, TunnelStats, gso_segments
 from .stream import StreamClient, StreamServer
 from .switch import Switch
 from .tap import FrameDevice, TapDevice
@@ -83,6 +86,7 @@ class TunnelConfig:
         policy: rekey timers and limits.
         backoff: reconnect backoff (stream client).
         vxlan: link parameters for ``vxlan`` mode.
+        fastpath: once keyed, forward in the native thread (``fastpath.py``) when it is built.
     """
 
     name: str
@@ -99,6 +103,7 @@ class TunnelConfig:
     policy: RekeyPolicy = field(default_factory=RekeyPolicy)
     backoff: Backoff = field(default_factory=Backoff)
     vxlan: VxlanSpec | None = None
+    fastpath: bool = True
 
     def __post_init__(self) -> None:
         if self.mode == TunnelMode.VXLAN and (self.vxlan is None or not self.bridge):
@@ -135,6 +140,8 @@ class Tunnel:
         device: an already open device (tests pass a :class:`~.tap.PipeDevice`);
             otherwise a TAP is opened and attached to ``config.bridge``.
         flow_hook: called for every frame that passes (per-flow statistics).
+        flow_sampler: the same statistics fed from the native fast path; without it a
+            tunnel with a ``flow_hook`` stays on the Python data path.
         guard: replayed-initiation memory to share across tunnel restarts.
     """
 
@@ -146,6 +153,7 @@ class Tunnel:
         peer: Peer | None = None,
         device: FrameDevice | None = None,
         flow_hook: FlowHook | None = None,
+        flow_sampler: FlowSampler | None = None,
         guard: TimestampGuard | None = None,
         netns: str | None = None,
     ) -> None:
@@ -155,6 +163,8 @@ class Tunnel:
         self.identity = identity
         self.peer = peer
         self.flow_hook = flow_hook
+        self.flow_sampler = flow_sampler
+        self.fast: FastPath | None = None
         self.stats = TunnelStats()
         self.device: FrameDevice | None = device
         self._own_device = device is None
@@ -225,6 +235,9 @@ class Tunnel:
             await self._task
 
     async def _cleanup(self) -> None:
+        if self.fast is not None:  # the link normally stops it first; never close the TAP under it
+            self.fast.stop()
+            self.fast = None
         self._stop_reading()
         if self._vxlan is not None:
             await self._vxlan.delete()
@@ -292,7 +305,7 @@ class Tunnel:
     # -- device reading (hot path) ------------------------------------------------
 
     def _start_reading(self) -> None:
-        if not self._reading and self._fd >= 0 and not self._paused:
+        if not self._reading and self._fd >= 0 and not self._paused and self.fast is None:
             asyncio.get_running_loop().add_reader(self._fd, self._on_device_readable)
             self._reading = True
 
@@ -300,6 +313,65 @@ class Tunnel:
         if self._reading:
             asyncio.get_running_loop().remove_reader(self._fd)
             self._reading = False
+
+    # -- native fast path ---------------------------------------------------------
+
+    def fast_path(
+        self,
+        sock_fd: int,
+        *,
+        stream: bool,
+        on_message: Callable[[bytes, Address], None],
+        on_closed: Callable[[int], None],
+        on_peer: Callable[[Address], None] | None = None,
+        on_msgsize: Callable[[], None] | None = None,
+        chunk: int = 0,
+    ) -> FastPath | None:
+        """Hand the TAP and ``sock_fd`` to a native forwarding thread (the link starts it).
+
+        ``None`` when the fast path is off, not built, or cannot serve this tunnel
+        (plain channel, a test device, a flow hook without a sampler).
+        """
+        cfg = self.config
+        ch = self.channel
+        if (
+            not cfg.fastpath
+            or not fastpath_available()
+            or not isinstance(ch, SecureChannel)
+            or not isinstance(self.device, TapDevice)
+            or (self.flow_hook is not None and self.flow_sampler is None)
+            or self.fast is not None
+        ):
+            return None
+        self._stop_reading()
+        self.fast = FastPath(
+            tap_fd=self._fd,
+            sock_fd=sock_fd,
+            stream=stream,
+            vnet=self._vnet,
+            channel=ch,
+            stats=self.stats,
+            on_message=on_message,
+            on_closed=on_closed,
+            on_peer=on_peer,
+            on_msgsize=on_msgsize,
+            sampler=self.flow_sampler,
+            bundle_limit=self._bundle_limit,
+            chunk=chunk,
+        )
+        return self.fast
+
+    def flush_flows(self) -> None:
+        """Move the fast path's flow samples into the flow sampler now (safe from another thread)."""
+        fast = self.fast
+        if fast is not None:
+            fast.flush_flows()
+
+    def fast_path_ended(self) -> None:
+        """The link stopped its fast path: the Python data path takes the TAP back."""
+        self.fast = None
+        if not self._paused:
+            self._start_reading()
 
     def pause_device(self) -> None:
         self._paused = True
@@ -435,6 +507,8 @@ class Tunnel:
     def status(self) -> dict[str, Any]:
         """A JSON-ready snapshot: state, counters, session and link details, MTU report."""
         cfg = self.config
+        if self.fast is not None:
+            self.fast.tick()
         out: dict[str, Any] = {
             "name": cfg.name,
             "mode": str(cfg.mode),
@@ -442,6 +516,7 @@ class Tunnel:
             "address": f"{cfg.address[0]}:{cfg.address[1]}",
             "device": self.device.name if self.device else None,
             "offload": self._vnet,
+            "fastpath": self.fast is not None,
             "bridge": cfg.bridge,
             "time": time.time(),
             **self.stats.snapshot(),

@@ -1,0 +1,20 @@
+"""Build hook for the one native module: the tunnel fast path (vna_agent/dataplane/_fastpath.c).
+
+Everything else is in pyproject.toml. The extension is optional: without a C
+compiler or OpenSSL headers the package still installs and the tunnels run
+their pure-Python data path (``vna_agent.dataplane.fastpath.available()`` says which).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "vna_agent.dataplane._fastpath",
+            sources=["vna_agent/dataplane/_fastpath.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-missing-braces"],
+            optional=True,
+        )
+    ]
+)
