@@ -62,6 +62,9 @@
 #define SLOTS 4
 #define PARTIALS 8
 #define MAX_PIECES 255
+#define MAX_GSO_SEGMENTS 64
+#define MAX_GSO_BYTES 65000
+#define PARTIAL_TTL 1.0
 #define FLOW_RING 4096
 #define FLOW_SNAP 128
 #define GRO_BUF (65536 + 4096)
@@ -103,6 +106,7 @@ typedef struct {
     uint64_t have[4];
     size_t total;
     uint64_t stamp;
+    double created;
     unsigned char *buf;
 } Partial;
 
@@ -248,6 +252,27 @@ static void window_accept(Slot *s, uint64_t c) {
     s->bits[d / 64] |= 1ULL << (d % 64);
 }
 
+/* Make dst's window also refuse every counter src's window refuses. */
+static void window_merge(Slot *dst, const Slot *src) {
+    if (!src->has_top) return;
+    if (!dst->has_top) {
+        dst->top = src->top;
+        dst->has_top = 1;
+        memcpy(dst->bits, src->bits, sizeof dst->bits);
+        return;
+    }
+    Slot tmp;
+    tmp.top = src->top;
+    memcpy(tmp.bits, src->bits, sizeof tmp.bits);
+    if (src->top > dst->top) {
+        window_shift(dst, src->top - dst->top);
+        dst->top = src->top;
+    } else if (dst->top > src->top) {
+        window_shift(&tmp, dst->top - src->top);
+    }
+    for (int i = 0; i < WINDOW_WORDS; i++) dst->bits[i] |= tmp.bits[i];
+}
+
 /* -- sealing ---------------------------------------------------------------------------- */
 
 static void nonce_of(unsigned char *n, uint64_t c) {
@@ -344,7 +369,10 @@ static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
             poll(&pf, 1, 10);
             continue;
         }
-        if (errno == EMSGSIZE) push_event(p, EV_MSGSIZE, errno, NULL, 0, NULL, 0);
+        if (errno == EMSGSIZE) {
+            push_event(p, EV_MSGSIZE, errno, NULL, 0, NULL, 0);
+            return -2;
+        }
         return -1;
     }
     return -1;
@@ -355,7 +383,8 @@ static void dgram_record(Pump *p, unsigned char *rec, size_t n, unsigned count_f
     size_t chunk = p->chunk;
     if (!p->peerlen) { p->drops[D_QUEUE_FULL] += count_frames; return; }
     if (!chunk || n <= chunk + PH) {
-        if (dgram_send(p, rec, n, 0) < 0) p->drops[D_QUEUE_FULL] += count_frames;
+        int r = dgram_send(p, rec, n, 0);
+        if (r < 0) p->drops[r == -2 ? D_TOO_BIG : D_QUEUE_FULL] += count_frames;
         return;
     }
     size_t count = (n + chunk - 1) / chunk;
@@ -375,7 +404,19 @@ static void dgram_record(Pump *p, unsigned char *rec, size_t n, unsigned count_f
         memcpy(o + pos + PH, rec + off, len);
         pos += PH + len;
     }
-    if (dgram_send(p, o, pos, PH + chunk) < 0) p->drops[D_QUEUE_FULL] += count_frames;
+    /* the kernel takes at most MAX_GSO_SEGMENTS pieces and MAX_GSO_BYTES per UDP_SEGMENT send */
+    size_t seg = PH + chunk, per = MAX_GSO_BYTES / seg;
+    if (per > MAX_GSO_SEGMENTS) per = MAX_GSO_SEGMENTS;
+    if (per < 1) per = 1;
+    for (size_t b = 0; b < count; b += per) {
+        size_t e = b + per < count ? b + per : count;
+        size_t from = b * seg, to = e == count ? pos : e * seg;
+        int r = dgram_send(p, o + from, to - from, e - b > 1 ? seg : 0);
+        if (r < 0) {
+            p->drops[r == -2 ? D_TOO_BIG : D_QUEUE_FULL] += count_frames;
+            return;
+        }
+    }
 }
 
 /* Seal payload and send it (stream: into the batch buffer; datagram: right away). */
@@ -570,10 +611,15 @@ static void on_piece(Pump *p, const unsigned char *d, size_t n, const struct soc
     int idx = d[1], count = d[2];
     uint32_t receiver = be32(d + 4), seq = be32(d + 8), off = be32(d + 12);
     size_t len = n - PH;
-    if (!count || idx >= count || off + len > MAX_RECORD) { p->drops[D_DECODE]++; return; }
+    if (count < 2 || idx >= count || off + len > MAX_RECORD) { p->drops[D_DECODE]++; return; }
     Partial *q = NULL, *free_q = NULL, *oldest = NULL;
+    double now = mono();
     for (int i = 0; i < PARTIALS; i++) {
         Partial *c = &p->partials[i];
+        if (c->used && now - c->created > PARTIAL_TTL) { /* a piece never came */
+            c->used = 0;
+            p->drops[D_INCOMPLETE]++;
+        }
         if (c->used && c->receiver == receiver && c->seq == seq) { q = c; break; }
         if (!c->used && !free_q) free_q = c;
         if (c->used && (!oldest || c->stamp < oldest->stamp)) oldest = c;
@@ -589,6 +635,7 @@ static void on_piece(Pump *p, const unsigned char *d, size_t n, const struct soc
         q->total = 0;
         memset(q->have, 0, sizeof q->have);
         q->stamp = ++p->pstamp;
+        q->created = mono();
     }
     if (q->count != count) { p->drops[D_DECODE]++; q->used = 0; return; }
     if ((q->have[idx / 64] >> (idx % 64)) & 1) return; /* duplicate piece */
@@ -832,9 +879,7 @@ static PyObject *Pump_set_sessions(Pump *p, PyObject *arg) {
         if (!s->used) continue;
         Slot *old = slot_by_index(p, s->local_index);
         if (old && old->remote_index == s->remote_index) { /* same session: the native state is the live one */
-            s->top = old->top;
-            s->has_top = old->has_top;
-            memcpy(s->bits, old->bits, sizeof s->bits);
+            window_merge(s, old); /* a counter either side has seen stays seen */
             if (old->next_counter > s->next_counter) s->next_counter = old->next_counter; /* never reuse a nonce */
             s->records_sent = old->records_sent;
             s->bytes_sent = old->bytes_sent;

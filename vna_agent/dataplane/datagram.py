@@ -26,6 +26,12 @@ Each side sends an empty keepalive record when it has sent nothing for
 ``policy.keepalive`` seconds; the initiator re-handshakes when it has heard
 nothing for ``2 * keepalive + rekey_timeout``. The responder learns (and
 follows, on every authenticated record) the initiator's address.
+
+Once the channel has keys and the peer's address is known, the link hands
+the socket and the TAP to the native fast path (:mod:`.fastpath`) when it is
+built: it seals, splits, reassembles and opens exactly as here, handshakes
+come back as events, and Python still sends handshakes itself (a datagram is
+atomic) while keepalives go through the fast path (it owns the counters).
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ from typing import Any
 import structlog
 
 from .errors import HandshakeError, LinkDown, RecordError, TransportError
+from .fastpath import FastPath
 from .link import Backoff, FrameSink, set_buffers
 from .mtu import max_datagram
-from .session import Channel, RekeyPolicy
+from .session import Channel, RekeyPolicy, SecureChannel
 from .stats import DropReason, TunnelState
 from .wire import MAX_RECORD, PIECE_HEADER, RECORD_HEADER, MsgType
 
@@ -159,6 +166,7 @@ class DatagramLink:
         self._last_rx = 0.0
         self._hs_backoff = Backoff(initial=0.25, maximum=self.policy.rekey_timeout, jitter=0.2)
         self._next_hs = 0.0
+        self.fast: FastPath | None = None
         self._set_mtu(self.path_mtu)
 
     # -- setup -------------------------------------------------------------------
@@ -177,6 +185,8 @@ class DatagramLink:
             v for i in range(npieces) for v in (phv[i * _PH : (i + 1) * _PH], rec[i * chunk : (i + 1) * chunk])
         ]
         self._hdr_args = [v for i in range(npieces) for v in (_PIECE, i, 0, 0, 0, 0, i * chunk)]
+        if self.fast is not None:
+            self.fast.set_chunk(chunk)
 
     @property
     def bound_port(self) -> int:
@@ -259,7 +269,49 @@ class DatagramLink:
         finally:
             self.close()
 
+    # -- native fast path --------------------------------------------------------
+
+    def engage(self) -> None:
+        """Hand the socket and the TAP to the fast path once keyed and the peer is known."""
+        ch, sock, peer = self.channel, self.sock, self.peer
+        if self.fast is not None or sock is None or peer is None or self._queue:
+            return
+        if not isinstance(ch, SecureChannel) or not ch.session_table():
+            return
+        fast = self.sink.fast_path(
+            sock.fileno(),
+            stream=False,
+            on_message=lambda msg, addr: self._on_datagram(memoryview(msg), addr),
+            on_closed=lambda err: None,
+            on_peer=self._fast_peer,
+            on_msgsize=self._refresh_mtu,
+            chunk=self._chunk,
+        )
+        if fast is None:
+            return
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        fast.set_peer(str(peer[0]), int(peer[1]))
+        self.fast = fast
+        fast.start()
+        log.info("datagram_fastpath_engaged", peer=_fmt(peer))
+
+    def disengage(self) -> None:
+        """Stop the fast path (idempotent); the Python data path takes over."""
+        fast = self.fast
+        if fast is None:
+            return
+        self.fast = None
+        fast.stop()
+        self.sink.fast_path_ended()
+        if self.sock is not None:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    def _fast_peer(self, addr: Address) -> None:
+        if not self.initiator:
+            self._learn_peer(addr)
+
     def close(self) -> None:
+        self.disengage()
         if self.sock is not None:
             loop = asyncio.get_running_loop()
             loop.remove_reader(self.sock.fileno())
@@ -271,6 +323,8 @@ class DatagramLink:
     def abort(self) -> None:
         """Forget the sessions (the next tick re-handshakes)."""
         self.channel.reset()
+        if self.fast is not None:
+            self.fast.sync()
 
     def info(self) -> dict[str, object]:
         return {
@@ -393,6 +447,10 @@ class DatagramLink:
         self._send([memoryview(msg)], 0)
 
     def _send_keepalive(self) -> None:
+        if self.fast is not None:
+            self.fast.send_keepalive()
+            self._last_tx = time.monotonic()
+            return
         try:
             self.send_frame(_EMPTY, 0)
         except RecordError as exc:
@@ -569,20 +627,28 @@ class DatagramLink:
             return
         st.handshakes += 1
         st.last_handshake = time.time()
+        if self.fast is not None:
+            self.fast.sync()  # the native side must know a new session before the peer uses it
         if reply is not None:
             self._learn_peer(addr)
             self._send_handshake(reply)
+            if self.fast is None:
+                asyncio.get_running_loop().call_soon(self.engage)
             return
         self._hs_backoff.reset()
         st.state = TunnelState.UP
         log.info("datagram_up", peer=_fmt(addr))
         self._send_keepalive()  # confirms the session to the responder
+        if self.fast is None:
+            asyncio.get_running_loop().call_soon(self.engage)
 
     def _learn_peer(self, addr: Address) -> None:
         if addr != self.peer:
             log.info("datagram_peer", peer=_fmt(addr), previous=_fmt(self.peer))
             self.peer = addr
             self.sink.stats.connects += 1
+            if self.fast is not None:
+                self.fast.set_peer(str(addr[0]), int(addr[1]))
             self._probe_mtu(addr)
             if not self.channel.encrypted:
                 self._send_keepalive()  # tells a plain client it has been heard
@@ -603,10 +669,22 @@ class DatagramLink:
 
     def tick(self) -> None:
         ch = self.channel
+        fast = self.fast
+        if fast is not None:
+            fast.tick()
+            native = fast.native_stats()
+            self._last_rx = max(self._last_rx, native["last_rx"])
+            self._last_tx = max(self._last_tx, native["last_tx"])
         ch.expire()
+        if fast is not None:
+            fast.sync()
+        else:
+            self.engage()
         now = time.monotonic()
         p = self.policy
         st = self.sink.stats
+        if fast is not None and ch.ready and self._last_rx and st.state is not _UP:
+            st.state = TunnelState.UP  # records are opened natively
         if self._partials:
             for key in [k for k, v in self._partials.items() if now - v.created > PARTIAL_TTL]:
                 self._pool.append(self._partials.pop(key).buf)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,7 @@ class FastPath:
         self._on_msgsize = on_msgsize
         self._sampler = sampler
         self._seen: dict[str, int] = {}
+        self._merge_lock = threading.Lock()  # status may be read from another thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self.running = False
 
@@ -151,7 +153,15 @@ class FastPath:
     def tick(self) -> None:
         """Merge counters into the channel (rekey decisions) and the tunnel stats; feed flow samples."""
         self.channel.absorb_counters(self._pump.session_counters())
-        st = self._pump.stats()
+        self.merge_stats()
+        self.flush_flows()
+
+    def merge_stats(self) -> None:
+        """Add what the native counters gained since the last merge to the tunnel stats."""
+        with self._merge_lock:
+            self._merge(self._pump.stats())
+
+    def _merge(self, st: dict[str, Any]) -> None:
         stats = self.stats
         for name in (*_COUNTERS, *_COUNTERS_KA):
             value = int(st[name])
@@ -165,7 +175,6 @@ class FastPath:
             if delta:
                 stats.drop(reason, delta)
                 self._seen[key] = int(value)
-        self.flush_flows()
 
     def flush_flows(self) -> None:
         """Feed the frames sampled since the last call to the flow sampler (any thread)."""

@@ -165,7 +165,7 @@ class Tunnel:
         self.flow_hook = flow_hook
         self.flow_sampler = flow_sampler
         self.fast: FastPath | None = None
-        self.stats = TunnelStats()
+        self._stats = TunnelStats()
         self.device: FrameDevice | None = device
         self._own_device = device is None
         self._guard = guard or TimestampGuard()
@@ -314,6 +314,13 @@ class Tunnel:
             asyncio.get_running_loop().remove_reader(self._fd)
             self._reading = False
 
+    @property
+    def stats(self) -> TunnelStats:
+        """The tunnel's counters (the fast path's native counters merged in)."""
+        if self.fast is not None:
+            self.fast.merge_stats()
+        return self._stats
+
     # -- native fast path ---------------------------------------------------------
 
     def fast_path(
@@ -338,7 +345,7 @@ class Tunnel:
             not cfg.fastpath
             or not fastpath_available()
             or not isinstance(ch, SecureChannel)
-            or not isinstance(self.device, TapDevice)
+            or self.device is None
             or (self.flow_hook is not None and self.flow_sampler is None)
             or self.fast is not None
         ):
@@ -350,7 +357,7 @@ class Tunnel:
             stream=stream,
             vnet=self._vnet,
             channel=ch,
-            stats=self.stats,
+            stats=self._stats,
             on_message=on_message,
             on_closed=on_closed,
             on_peer=on_peer,

@@ -1,0 +1,315 @@
+"""The native fast path (``_fastpath.Pump``) against the Python record layer: same wire, same checks.
+
+The pump's "TAP" is one end of a SOCK_SEQPACKET pair (one frame per read, like a TAP);
+its link is a stream socketpair or a real UDP socket on loopback. The other side of
+every exchange is the Python implementation (:mod:`vna_agent.dataplane.record`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from vna_agent.dataplane import fastpath
+from vna_agent.dataplane import handshake as hs
+from vna_agent.dataplane.keys import StaticKeyPair
+from vna_agent.dataplane.record import RecordSession
+from vna_agent.dataplane.wire import FLAG_BUNDLE, MAX_RECORD, PIECE_HEADER, RECORD_HEADER, STREAM_LEN, MsgType
+
+pytestmark = pytest.mark.skipif(not fastpath.available(), reason="the native fast path is not built")
+
+if fastpath.available():
+    from vna_agent.dataplane import _fastpath  # type: ignore[attr-defined]
+
+
+def _sessions(a: int = 11, b: int = 22) -> tuple[RecordSession, RecordSession]:
+    """A keyed pair: (the pump's session, the Python peer's session)."""
+    ini, resp = StaticKeyPair.generate(), StaticKeyPair.generate()
+    msg, state = hs.create_initiation(ini, resp.public, sender_index=a, timestamp=hs.tai64n(1))
+    reply, rkeys = hs.create_response(hs.consume_initiation(resp, msg), sender_index=b)
+    return RecordSession(hs.consume_response(state, reply)), RecordSession(rkeys)
+
+
+def _row(s: RecordSession, kind: int = 0) -> tuple[Any, ...]:
+    w = s.window
+    return (
+        s.local_index,
+        s.remote_index,
+        s.keys.send_key,
+        s.keys.recv_key,
+        s.next_counter,
+        s.limit,
+        kind,
+        w.top,
+        w.bits_bytes(),
+    )
+
+
+def _seal(s: RecordSession, payload: bytes, flags: int = 0) -> bytes:
+    out = bytearray(MAX_RECORD)
+    return bytes(out[: s.seal_into(payload, flags, memoryview(out))])
+
+
+def _open(s: RecordSession, rec: bytes) -> tuple[bytes, int]:
+    _, flags, _, _, counter = RECORD_HEADER.unpack_from(rec)
+    return bytes(s.open(counter, memoryview(rec))), flags
+
+
+def _wait(pred: Callable[[], Any], timeout: float = 3.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := pred():
+            return value
+        time.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+class Rig:
+    """A pump between a frame socket (``tap``) and a link socket (``peer``)."""
+
+    def __init__(self, *, stream: bool = True, chunk: int = 0) -> None:
+        self.tap_pump, self.tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if stream:
+            self.link_pump, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self.link_pump = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.link_pump.bind(("127.0.0.1", 0))
+            self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.peer.bind(("127.0.0.1", 0))
+        for s in (self.tap_pump, self.link_pump):
+            s.setblocking(False)
+        self.tap.settimeout(3)
+        self.peer.settimeout(3)
+        self.native, self.python = _sessions()
+        self.pump: Any = _fastpath.Pump(self.tap_pump.fileno(), self.link_pump.fileno(), stream, False, 32768, chunk)
+        self.pump.set_sessions([_row(self.native)])
+        if not stream:
+            self.pump.set_peer(*self.peer.getsockname())
+        self._buf = b""
+
+    def close(self) -> None:
+        self.pump.stop()
+        for s in (self.tap_pump, self.tap, self.link_pump, self.peer):
+            s.close()
+
+    def send_record(self, rec: bytes) -> None:
+        self.peer.sendall(STREAM_LEN.pack(len(rec)) + rec)
+
+    def recv_message(self) -> bytes:
+        while True:
+            if len(self._buf) >= 4:
+                (n,) = STREAM_LEN.unpack_from(self._buf)
+                if len(self._buf) >= 4 + n:
+                    msg, self._buf = self._buf[4 : 4 + n], self._buf[4 + n :]
+                    return msg
+            self._buf += self.peer.recv(1 << 20)
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+
+
+def _frames_of(payload: bytes, flags: int) -> list[bytes]:
+    if not flags & FLAG_BUNDLE:
+        return [payload]
+    out, pos = [], 0
+    while pos < len(payload):
+        (n,) = struct.unpack_from("!H", payload, pos)
+        out.append(payload[pos + 2 : pos + 2 + n])
+        pos += 2 + n
+    return out
+
+
+def test_frames_sealed_natively_open_in_python_bundled_as_queued(rig: Rig) -> None:
+    small = [os.urandom(n) for n in (60, 1514, 9000)]
+    big = os.urandom(60000)
+    for f in (*small, big):
+        rig.tap.send(f)
+    rig.pump.start()  # one drain finds all four queued: the small ones share a record
+    bundle, flags = _open(rig.python, rig.recv_message())
+    assert flags & FLAG_BUNDLE and _frames_of(bundle, flags) == small
+    alone, flags = _open(rig.python, rig.recv_message())
+    assert alone == big and not flags & FLAG_BUNDLE
+    st = rig.pump.stats()
+    assert (st["records_out"], st["frames_out"], st["bytes_out"]) == (2, 4, sum(map(len, small)) + len(big))
+
+
+def test_records_sealed_in_python_open_natively(rig: Rig) -> None:
+    rig.pump.start()
+    frames = [os.urandom(n) for n in (42, 1500, 65000)]
+    bundle = b"".join(struct.pack("!H", len(f)) + f for f in frames[:2])
+    rig.send_record(_seal(rig.python, bundle, FLAG_BUNDLE))
+    rig.send_record(_seal(rig.python, frames[2]))
+    rig.send_record(_seal(rig.python, b""))  # keepalive
+    assert [rig.tap.recv(1 << 17) for _ in frames] == frames
+    st = _wait(lambda: (s := rig.pump.stats())["keepalives_in"] == 1 and s)
+    assert (st["records_in"], st["frames_in"], st["drops"]["bad_tag"]) == (2, 3, 0)
+
+
+def test_replayed_altered_and_unknown_records_are_dropped(rig: Rig) -> None:
+    rig.pump.start()
+    rec = _seal(rig.python, b"genuine" * 10)
+    altered = bytearray(_seal(rig.python, b"altered" * 10))
+    altered[-1] ^= 1
+    stranger, _ = _sessions(33, 44)
+    rig.send_record(rec)
+    rig.send_record(rec)  # replay
+    rig.send_record(bytes(altered))
+    rig.send_record(_seal(stranger, b"who?"))  # receiver index the pump does not know
+    rig.send_record(_seal(rig.python, b"after"))
+    assert rig.tap.recv(1 << 17) == b"genuine" * 10
+    assert rig.tap.recv(1 << 17) == b"after"
+    drops = _wait(lambda: (d := rig.pump.stats()["drops"])["no_session"] and d)
+    assert (drops["replay"], drops["bad_tag"], drops["no_session"]) == (1, 1, 1)
+
+
+def test_a_counter_outside_the_python_window_is_still_refused(rig: Rig) -> None:
+    """The window Python handed over at engagement holds: a record it already accepted is a replay."""
+    early = _seal(rig.python, b"seen by python")
+    _open(rig.native, early)  # the Python data path accepted it before the pump took over
+    rig.pump.set_sessions([_row(rig.native)])
+    rig.pump.start()
+    rig.send_record(early)
+    rig.send_record(_seal(rig.python, b"new"))
+    assert rig.tap.recv(1 << 17) == b"new"
+    assert _wait(lambda: rig.pump.stats()["drops"]["replay"]) == 1
+
+
+def test_handshakes_surface_as_events_and_the_next_session_is_promoted(rig: Rig) -> None:
+    rig.pump.start()
+    initiation = bytes([MsgType.INITIATION]) + os.urandom(147)
+    rig.peer.sendall(STREAM_LEN.pack(len(initiation)) + initiation)
+    assert _wait(rig.pump.take) == [(_fastpath.EV_MESSAGE, 0, initiation, None)]
+    nxt_native, nxt_python = _sessions(55, 66)
+    rig.pump.set_sessions([_row(rig.native), _row(nxt_native, kind=1)])
+    rig.tap.send(b"still old")
+    assert _open(rig.python, rig.recv_message())[0] == b"still old"
+    rig.send_record(_seal(nxt_python, b"first under next"))
+    assert rig.tap.recv(1 << 17) == b"first under next"
+    assert _wait(rig.pump.take) == [(_fastpath.EV_ROTATED, 55, b"", None)]
+    rig.tap.send(b"sealed under next")
+    assert _open(nxt_python, rig.recv_message())[0] == b"sealed under next"
+
+
+def test_resync_never_reuses_a_counter(rig: Rig) -> None:
+    rig.pump.start()
+    counters = []
+    for i in range(3):
+        rig.tap.send(b"x%d" % i)
+        counters.append(RECORD_HEADER.unpack_from(rig.recv_message())[4])
+    rig.pump.set_sessions([_row(rig.native)])  # Python's copy still says next_counter 0
+    rig.tap.send(b"after resync")
+    msg = rig.recv_message()
+    counters.append(RECORD_HEADER.unpack_from(msg)[4])
+    assert counters == sorted(set(counters)) and len(counters) == 4
+    assert rig.pump.session_counters()[11][0] == 4
+
+
+def test_end_of_stream_is_reported_once(rig: Rig) -> None:
+    rig.pump.start()
+    rig.peer.shutdown(socket.SHUT_WR)
+    assert _wait(rig.pump.take) == [(_fastpath.EV_CLOSED, 0, b"", None)]
+    assert rig.pump.stats()["closed"] == 1
+    rig.pump.stop()
+    rig.pump.stop()  # idempotent
+
+
+def test_a_framing_error_closes_the_link() -> None:
+    r = Rig()
+    try:
+        r.pump.start()
+        r.peer.sendall(STREAM_LEN.pack(0))
+        kind, *_ = _wait(r.pump.take)[0]
+        assert kind == _fastpath.EV_CLOSED and r.pump.stats()["drops"]["decode"] == 1
+    finally:
+        r.close()
+
+
+def test_bad_arguments_are_refused_with_typed_errors(rig: Rig) -> None:
+    row = list(_row(rig.native))
+    with pytest.raises(ValueError, match="key"):
+        rig.pump.set_sessions([(*row[:2], b"short", *row[3:])])
+    with pytest.raises(ValueError, match="window"):
+        rig.pump.set_sessions([(*row[:8], b"\0" * 8)])
+    with pytest.raises(ValueError, match="too many"):
+        rig.pump.set_sessions([tuple(row)] * 5)
+    with pytest.raises(TypeError):
+        rig.pump.set_sessions([("not", "a", "row")])
+    with pytest.raises(ValueError, match="IP address"):
+        rig.pump.set_peer("not-an-address", 1)
+    rig.pump.start()
+    with pytest.raises(ValueError, match="feed"):
+        rig.pump.feed(b"late")
+    rig.tap.send(b"the old table survived the refused ones")
+    assert _open(rig.python, rig.recv_message())[0] == b"the old table survived the refused ones"
+
+
+# -- datagrams ---------------------------------------------------------------------------
+
+
+def _reassemble(sock: socket.socket) -> bytes:
+    pieces: dict[int, bytes] = {}
+    count = None
+    while count is None or len(pieces) < count:
+        dg = sock.recv(65536)
+        typ, _idx, count, _, _, _, off = PIECE_HEADER.unpack_from(dg)
+        assert typ == MsgType.PIECE
+        pieces[off] = dg[PIECE_HEADER.size :]
+    return b"".join(pieces[k] for k in sorted(pieces))
+
+
+def test_datagram_records_split_and_reassembled_like_python() -> None:
+    r = Rig(stream=False, chunk=1000)
+    try:
+        r.pump.start()
+        big = os.urandom(20000)
+        r.tap.send(big)
+        assert _open(r.python, _reassemble(r.peer))[0] == big
+        r.tap.send(b"small")
+        assert _open(r.python, r.peer.recv(65536))[0] == b"small"
+        # the other way: Python's pieces, out of order, one duplicated
+        payload = os.urandom(5000)
+        rec = _seal(r.python, payload)
+        _, _, _, receiver, counter = RECORD_HEADER.unpack_from(rec)
+        chunks = [rec[o : o + 1200] for o in range(0, len(rec), 1200)]
+        dgrams = [
+            PIECE_HEADER.pack(MsgType.PIECE, i, len(chunks), 0, receiver, counter & 0xFFFFFFFF, i * 1200) + c
+            for i, c in enumerate(chunks)
+        ]
+        dest = r.link_pump.getsockname()
+        for dg in [*reversed(dgrams), dgrams[0]]:
+            r.peer.sendto(dg, dest)
+        assert r.tap.recv(1 << 17) == payload
+        assert r.pump.take() == []  # same address as configured: no peer event
+        # an authenticated record from another address: the pump follows it and says so
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as moved:
+            moved.bind(("127.0.0.1", 0))
+            moved.sendto(_seal(r.python, b"roamed"), dest)
+            assert r.tap.recv(1 << 17) == b"roamed"
+            assert _wait(r.pump.take) == [(_fastpath.EV_PEER, 0, b"", moved.getsockname())]
+            r.tap.send(b"follows")
+            moved.settimeout(3)
+            assert _open(r.python, moved.recv(65536))[0] == b"follows"
+        assert r.pump.stats()["drops"]["decode"] == 0
+    finally:
+        r.close()
+
+
+def test_datagram_handshakes_surface_with_their_address() -> None:
+    r = Rig(stream=False)
+    try:
+        r.pump.start()
+        msg = bytes([MsgType.RESPONSE]) + os.urandom(91)
+        r.peer.sendto(msg, r.link_pump.getsockname())
+        assert _wait(r.pump.take) == [(_fastpath.EV_MESSAGE, 0, msg, r.peer.getsockname())]
+    finally:
+        r.close()
