@@ -12,7 +12,9 @@ time:
     datagram  Skyferry encrypted datagram tunnel (python -m vna_agent.dataplane run)
 
 and, only when asked for (``--providers``), ``stream-frames`` and ``datagram-frames``: the Skyferry
-tunnels without TAP offload, frame by frame as OpenVPN and tinc work.
+tunnels without TAP offload, frame by frame as OpenVPN and tinc work; ``stream-py`` and
+``datagram-py``: the Skyferry tunnels on the Python data path (``SKYFERRY_FASTPATH=0``), to show what
+the native fast path changes.
 
 Each block measures iperf3 TCP single stream, TCP ``-P 4``, UDP ``-u -b 2G -l 1400`` (received
 rate and loss), with 20 pings at 0.05 s before each test; the tunnel daemons' CPU seconds per
@@ -146,8 +148,9 @@ def _caveats(result: dict[str, Any], records: list[dict[str, Any]]) -> list[str]
             "much of the TCP ratio to OpenVPN comes from that. `--providers openvpn,stream-frames,"
             "datagram-frames` measures the Skyferry tunnels frame by frame (`offload: false`).",
             "Skyferry stream carries TCP inside TCP: under loss both control loops back off; the lab has none.",
-            "The Skyferry endpoints are Python processes: their peak RSS is mostly the interpreter and its "
-            "imports, and their added RTT includes the asyncio event loop's wake-ups.",
+            "The Skyferry endpoints are Python processes whose frames move in a native thread once the link is "
+            "keyed (the fast path, `vna_agent/dataplane/_fastpath.c`; `SKYFERRY_FASTPATH=0` measures the Python "
+            "data path): their peak RSS is mostly the interpreter and its imports.",
         ]
     for key, why in result["skipped"].items():
         out.append(f"{result['labels'].get(key, key)} not measured: {why}.")

@@ -112,6 +112,7 @@ class TunnelStatus(VnaMessage):
     records_out: int = 0
     drops: dict[str, int] = Field(default_factory=dict)
     last_handshake: dt.datetime | None = None
+    fastpath: bool = Field(default=False, description="Frames move in the native forwarding thread (not Python).")
 
 
 class PortStatus(VnaMessage):

@@ -4,6 +4,14 @@ set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# The tunnels' native fast path (vna_agent/dataplane/_fastpath.c, built by pip): a C compiler,
+# OpenSSL's libcrypto headers and the Python headers. Without them the package still installs and
+# the tunnels forward frames in Python.
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+[[ -f /usr/include/openssl/evp.h ]] || need+=(libssl-dev)
+py=$(command -v python3.11 || command -v python3)
+"$py" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  >/dev/null 2>&1 || need+=(python3-dev)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

@@ -248,6 +248,7 @@ class VnaAgent:
             records_out=int(st.get("records_out", 0)),
             drops={k: int(v) for k, v in (st.get("drops") or {}).items()},
             last_handshake=dt.datetime.fromtimestamp(last_hs, dt.UTC) if isinstance(last_hs, int | float) else None,
+            fastpath=bool(st.get("fastpath")),
         )
 
     async def switch_status(self, sw: OverlaySwitch) -> SwitchStatus:

@@ -498,6 +498,8 @@ class SkyferryTunnel(BridgedOverlay):
     mode: ClassVar[str]
     #: TAP with VNET_HDR/TSO: the endpoint reads and seals up to 64 KiB superpackets instead of frames.
     offload: ClassVar[bool] = True
+    #: Frames move in the native thread once keyed (``SKYFERRY_FASTPATH``); False: the Python data path.
+    native: ClassVar[bool] = True
 
     def missing(self) -> str | None:
         main = REPO / "vna_agent" / "dataplane" / "__main__.py"
@@ -566,9 +568,8 @@ class SkyferryTunnel(BridgedOverlay):
             run(ctx.lab, me.vna, "ip", "link", "del", SKYFERRY_TAP, check=False)
             self._devices.append((me.vna, SKYFERRY_TAP))  # the endpoint removes it; in case it does not
             argv = [sys.executable, "-m", "vna_agent.dataplane", "--log-level", "WARNING", "run", str(path)]
-            self.spawn(
-                ctx, me.vna, f"skyferry-{self.mode}", argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
-            )
+            env = {**os.environ, "PYTHONPATH": str(REPO), "SKYFERRY_FASTPATH": "1" if self.native else "0"}
+            self.spawn(ctx, me.vna, f"skyferry-{self.mode}", argv, cwd=REPO, env=env)
             if me is ctx.path.b:
                 time.sleep(0.3)
 
@@ -588,6 +589,9 @@ class SkyferryTunnel(BridgedOverlay):
         self.wait_ping(ctx)
         st = self._status(ctx, ctx.path.a) or {}
         self.info["offload"] = st.get("offload")
+        self.info["fastpath"] = st.get("fastpath")
+        if bool(st.get("fastpath")) != self.native:
+            raise ProviderError(f"expected fastpath={self.native}, the endpoint reports {st.get('fastpath')}")
         mtu = st.get("mtu")
         if isinstance(mtu, dict):
             self.info["mtu_report"] = {k: mtu.get(k) for k in ("path_mtu", "overlay_mtu", "unsplit_mtu", "strategy")}
@@ -608,14 +612,19 @@ class SkyferryStream(SkyferryTunnel):
     key = "stream"
     label = "Skyferry stream (TCP)"
     mode = "stream"
-    config_note = "python -m vna_agent.dataplane run, mode stream, encrypted, TAP offload (dataplane defaults)"
+    config_note = (
+        "python -m vna_agent.dataplane run, mode stream, encrypted, TAP offload, native fast path (dataplane defaults)"
+    )
 
 
 class SkyferryDatagram(SkyferryTunnel):
     key = "datagram"
     label = "Skyferry datagram (UDP)"
     mode = "datagram"
-    config_note = "python -m vna_agent.dataplane run, mode datagram, encrypted, TAP offload (dataplane defaults)"
+    config_note = (
+        "python -m vna_agent.dataplane run, mode datagram, encrypted, TAP offload, native fast path "
+        "(dataplane defaults)"
+    )
 
 
 class SkyferryStreamFrames(SkyferryStream):
@@ -632,6 +641,20 @@ class SkyferryDatagramFrames(SkyferryDatagram):
     config_note = "as Skyferry datagram but offload: false (one frame per TAP read, like OpenVPN and tinc)"
 
 
+class SkyferryStreamPython(SkyferryStream):
+    key = "stream-py"
+    label = "Skyferry stream, Python data path"
+    native = False
+    config_note = "as Skyferry stream but SKYFERRY_FASTPATH=0 (frames forwarded by the Python event loop)"
+
+
+class SkyferryDatagramPython(SkyferryDatagram):
+    key = "datagram-py"
+    label = "Skyferry datagram, Python data path"
+    native = False
+    config_note = "as Skyferry datagram but SKYFERRY_FASTPATH=0 (frames forwarded by the Python event loop)"
+
+
 PROVIDERS: dict[str, type[Provider]] = {
     p.key: p
     for p in (
@@ -643,6 +666,8 @@ PROVIDERS: dict[str, type[Provider]] = {
         SkyferryDatagram,
         SkyferryStreamFrames,
         SkyferryDatagramFrames,
+        SkyferryStreamPython,
+        SkyferryDatagramPython,
     )
 }
 #: What a run measures unless told otherwise: (a) to (f) of issue 4.

@@ -10,6 +10,7 @@ from bus.errors import Unsupported
 from bus.messages import Empty
 from bus.vna import Ack, SegmentJoin, VnaStatus
 from tests.e2e.overlay_fixtures import needs_root, tcp_transfer
+from vna_agent.dataplane import fastpath
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -38,6 +39,7 @@ async def test_asw_reaches_wsw_across_data_centers(vnas_for, mode: str) -> None:
     (tun,) = status.tunnels
     assert tun.bytes_out > 2_000_000 and tun.overlay_mtu and tun.overlay_mtu >= 1500
     assert tun.state == "up" and tun.last_handshake is not None and status.health == "ok"
+    assert tun.fastpath == fastpath.available()  # the transfer went through the native thread when built
     macs = status.switches[0].macs
     assert macs.get(lab.mac("wsw", "eth0")) not in (None, lab.link("vna1", "lan1"))
 

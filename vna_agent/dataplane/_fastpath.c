@@ -344,15 +344,19 @@ static void stream_flush(Pump *p) {
 static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
     struct iovec iov = {(void *)buf, n};
     struct msghdr m = {0};
-    char cbuf[CMSG_SPACE(sizeof(uint16_t))];
+    union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } u;
+    char *cbuf = u.buf;
     m.msg_name = &p->peer;
     m.msg_namelen = p->peerlen;
     m.msg_iov = &iov;
     m.msg_iovlen = 1;
     if (seg && seg < n) {
-        memset(cbuf, 0, sizeof cbuf);
+        memset(cbuf, 0, sizeof u.buf);
         m.msg_control = cbuf;
-        m.msg_controllen = sizeof cbuf;
+        m.msg_controllen = sizeof u.buf;
         struct cmsghdr *c = CMSG_FIRSTHDR(&m);
         c->cmsg_level = SOL_UDP;
         c->cmsg_type = UDP_SEGMENT_OPT;
@@ -668,8 +672,11 @@ static void on_udp(Pump *p) {
     for (int i = 0; i < 64; i++) {
         struct sockaddr_storage a;
         struct iovec iov = {p->gro, GRO_BUF};
-        char cbuf[CMSG_SPACE(sizeof(int))];
-        struct msghdr m = {&a, sizeof a, &iov, 1, cbuf, sizeof cbuf, 0};
+        union {
+            char buf[CMSG_SPACE(sizeof(int))];
+            struct cmsghdr align;
+        } u;
+        struct msghdr m = {&a, sizeof a, &iov, 1, u.buf, sizeof u.buf, 0};
         ssize_t k = recvmsg(p->sock, &m, 0);
         if (k < 0) return;
         size_t seg = (size_t)k;

@@ -514,8 +514,6 @@ class Tunnel:
     def status(self) -> dict[str, Any]:
         """A JSON-ready snapshot: state, counters, session and link details, MTU report."""
         cfg = self.config
-        if self.fast is not None:
-            self.fast.tick()
         out: dict[str, Any] = {
             "name": cfg.name,
             "mode": str(cfg.mode),

@@ -8,10 +8,13 @@ every exchange is the Python implementation (:mod:`vna_agent.dataplane.record`).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +25,18 @@ from vna_agent.dataplane.keys import StaticKeyPair
 from vna_agent.dataplane.record import RecordSession
 from vna_agent.dataplane.wire import FLAG_BUNDLE, MAX_RECORD, PIECE_HEADER, RECORD_HEADER, STREAM_LEN, MsgType
 
-pytestmark = pytest.mark.skipif(not fastpath.available(), reason="the native fast path is not built")
+needs_native = pytest.mark.skipif(not fastpath.available(), reason="the native fast path is not built")
 
 if fastpath.available():
     from vna_agent.dataplane import _fastpath  # type: ignore[attr-defined]
+
+
+def test_the_fast_path_is_built_where_the_toolchain_is() -> None:
+    """A machine with a compiler and the headers must not silently fall back to the Python data path."""
+    headers = (Path("/usr/include/openssl/evp.h"), Path(sysconfig.get_paths()["include"]) / "Python.h")
+    if not shutil.which("cc") or not all(h.exists() for h in headers):
+        pytest.skip("no C toolchain or headers here: the Python data path is expected")
+    assert fastpath._fastpath is not None, "setup.py did not build vna_agent/dataplane/_fastpath.c"
 
 
 def _sessions(a: int = 11, b: int = 22) -> tuple[RecordSession, RecordSession]:
@@ -129,6 +140,7 @@ def _frames_of(payload: bytes, flags: int) -> list[bytes]:
     return out
 
 
+@needs_native
 def test_frames_sealed_natively_open_in_python_bundled_as_queued(rig: Rig) -> None:
     small = [os.urandom(n) for n in (60, 1514, 9000)]
     big = os.urandom(60000)
@@ -143,6 +155,7 @@ def test_frames_sealed_natively_open_in_python_bundled_as_queued(rig: Rig) -> No
     assert (st["records_out"], st["frames_out"], st["bytes_out"]) == (2, 4, sum(map(len, small)) + len(big))
 
 
+@needs_native
 def test_records_sealed_in_python_open_natively(rig: Rig) -> None:
     rig.pump.start()
     frames = [os.urandom(n) for n in (42, 1500, 65000)]
@@ -155,6 +168,7 @@ def test_records_sealed_in_python_open_natively(rig: Rig) -> None:
     assert (st["records_in"], st["frames_in"], st["drops"]["bad_tag"]) == (2, 3, 0)
 
 
+@needs_native
 def test_replayed_altered_and_unknown_records_are_dropped(rig: Rig) -> None:
     rig.pump.start()
     rec = _seal(rig.python, b"genuine" * 10)
@@ -172,6 +186,7 @@ def test_replayed_altered_and_unknown_records_are_dropped(rig: Rig) -> None:
     assert (drops["replay"], drops["bad_tag"], drops["no_session"]) == (1, 1, 1)
 
 
+@needs_native
 def test_a_counter_outside_the_python_window_is_still_refused(rig: Rig) -> None:
     """The window Python handed over at engagement holds: a record it already accepted is a replay."""
     early = _seal(rig.python, b"seen by python")
@@ -184,6 +199,7 @@ def test_a_counter_outside_the_python_window_is_still_refused(rig: Rig) -> None:
     assert _wait(lambda: rig.pump.stats()["drops"]["replay"]) == 1
 
 
+@needs_native
 def test_handshakes_surface_as_events_and_the_next_session_is_promoted(rig: Rig) -> None:
     rig.pump.start()
     initiation = bytes([MsgType.INITIATION]) + os.urandom(147)
@@ -200,6 +216,7 @@ def test_handshakes_surface_as_events_and_the_next_session_is_promoted(rig: Rig)
     assert _open(nxt_python, rig.recv_message())[0] == b"sealed under next"
 
 
+@needs_native
 def test_resync_never_reuses_a_counter(rig: Rig) -> None:
     rig.pump.start()
     counters = []
@@ -214,6 +231,7 @@ def test_resync_never_reuses_a_counter(rig: Rig) -> None:
     assert rig.pump.session_counters()[11][0] == 4
 
 
+@needs_native
 def test_end_of_stream_is_reported_once(rig: Rig) -> None:
     rig.pump.start()
     rig.peer.shutdown(socket.SHUT_WR)
@@ -223,6 +241,7 @@ def test_end_of_stream_is_reported_once(rig: Rig) -> None:
     rig.pump.stop()  # idempotent
 
 
+@needs_native
 def test_a_framing_error_closes_the_link() -> None:
     r = Rig()
     try:
@@ -234,6 +253,7 @@ def test_a_framing_error_closes_the_link() -> None:
         r.close()
 
 
+@needs_native
 def test_bad_arguments_are_refused_with_typed_errors(rig: Rig) -> None:
     row = list(_row(rig.native))
     with pytest.raises(ValueError, match="key"):
@@ -267,6 +287,7 @@ def _reassemble(sock: socket.socket) -> bytes:
     return b"".join(pieces[k] for k in sorted(pieces))
 
 
+@needs_native
 def test_datagram_records_split_and_reassembled_like_python() -> None:
     r = Rig(stream=False, chunk=1000)
     try:
@@ -304,6 +325,7 @@ def test_datagram_records_split_and_reassembled_like_python() -> None:
         r.close()
 
 
+@needs_native
 def test_datagram_handshakes_surface_with_their_address() -> None:
     r = Rig(stream=False)
     try:
