@@ -13,6 +13,12 @@
  * as an event and signalled on an eventfd that asyncio watches. Python keeps
  * the handshake, the rekey decisions and the connection life cycle.
  *
+ * The thread never blocks while it holds the pump's lock: stream output that
+ * the socket does not take stays queued, the TAP leaves the epoll set and the
+ * socket is polled for EPOLLOUT (asyncio's pause_writing), while the socket
+ * is still read. Python-facing methods release the GIL before taking the lock
+ * and build Python objects only after releasing it.
+ *
  * Wire formats are those of wire.py; interop tests run this code against
  * the Python implementation.
  */
@@ -21,10 +27,12 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -57,10 +65,13 @@
 #define READ_BATCH 64
 #define RX_RING (1 << 20)
 #define TX_BUF (1 << 19)
+#define OBUF_CAP (TX_BUF + MAX_RECORD + 8)
+#define MAX_HANDSHAKE 512
+#define MAX_QUEUED_MESSAGES 64
 #define FLUSH_AT (1 << 18)
 #define WINDOW_WORDS 32 /* 2048 bits */
 #define SLOTS 4
-#define PARTIALS 8
+#define PARTIALS 16
 #define MAX_PIECES 255
 #define MAX_GSO_SEGMENTS 64
 #define MAX_GSO_BYTES 65000
@@ -69,7 +80,7 @@
 #define FLOW_SNAP 128
 #define GRO_BUF (65536 + 4096)
 
-enum { EV_MESSAGE = 1, EV_ROTATED = 2, EV_CLOSED = 3, EV_PEER = 4, EV_MSGSIZE = 5 };
+enum { EV_MESSAGE = 1, EV_ROTATED = 2, EV_CLOSED = 3, EV_PEER = 4, EV_MSGSIZE = 5, EV_DEVICE = 6 };
 enum {
     D_BAD_TAG, D_REPLAY, D_NO_SESSION, D_NONCE, D_TOO_BIG, D_DECODE, D_INCOMPLETE,
     D_QUEUE_FULL, D_OFFLOAD, D_DEVICE, D_COUNT
@@ -120,10 +131,9 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int tap, sock, stream, vnet, efd, cfd, ep;
-    int running, closed;
+    int running, closed, initialised, gso, out_blocked, tap_failed, msgsize_pending;
     pthread_t thread;
-    pthread_mutex_t lock;  /* sessions, stats, events, peer, flow ring */
-    pthread_mutex_t wlock; /* socket writes (stream framing must not interleave) */
+    pthread_mutex_t lock; /* everything below; never held while blocking */
     Slot slots[SLOTS];
     int tx; /* slot index sealing, -1 none */
     Partial partials[PARTIALS];
@@ -132,7 +142,7 @@ typedef struct {
     struct sockaddr_storage peer;
     socklen_t peerlen;
     Event *ev_head, *ev_tail;
-    size_t ev_count;
+    size_t ev_messages;
     int flows;
     FlowRec *flow_ring;
     size_t flow_head, flow_len, flow_lost;
@@ -142,7 +152,7 @@ typedef struct {
     double last_rx, last_tx;
     /* buffers */
     unsigned char *rbuf, *obuf, *ring, *plain, *gro, *piecebuf;
-    size_t opos, rstart, rend;
+    size_t ostart, opos, rstart, rend; /* stream output pending in obuf[ostart:opos] */
 } Pump;
 
 static double mono(void) {
@@ -160,7 +170,18 @@ static void put64(unsigned char *p, uint64_t v) { put32(p, v >> 32); put32(p + 4
 
 static void push_event(Pump *p, int kind, long long value, const void *data, size_t len,
                        const struct sockaddr_storage *addr, socklen_t alen) {
-    if (p->ev_count >= 4096) return; /* Python is not draining; the condition is also in the stats */
+    if (kind == EV_MESSAGE) { /* only handshakes go up, and only a few at a time: the rest is noise */
+        const unsigned char *d = data;
+        if (!len || len > MAX_HANDSHAKE || (d[0] != T_INITIATION && d[0] != T_RESPONSE) ||
+            p->ev_messages >= MAX_QUEUED_MESSAGES) {
+            p->drops[D_DECODE]++;
+            return;
+        }
+        p->ev_messages++;
+    } else if (kind == EV_MSGSIZE) { /* one pending is enough: Python re-reads the path MTU */
+        if (p->msgsize_pending) return;
+        p->msgsize_pending = 1;
+    }
     Event *e = malloc(sizeof(Event) + len);
     if (!e) return;
     e->next = NULL;
@@ -172,7 +193,6 @@ static void push_event(Pump *p, int kind, long long value, const void *data, siz
     if (addr) memcpy(&e->addr, addr, sizeof(*addr));
     if (p->ev_tail) p->ev_tail->next = e; else p->ev_head = e;
     p->ev_tail = e;
-    p->ev_count++;
     uint64_t one = 1;
     ssize_t w = write(p->efd, &one, 8);
     (void)w;
@@ -308,39 +328,63 @@ static size_t seal(Pump *p, const unsigned char *payload, size_t n, int flags, u
 
 /* -- socket writes ---------------------------------------------------------------------- */
 
-/* Write all of buf to the stream socket, waiting for room (stop() interrupts). 0 ok, -1 fail. */
-static int stream_write_all(Pump *p, const unsigned char *buf, size_t n) {
-    size_t off = 0;
-    while (off < n) {
-        ssize_t w = send(p->sock, buf + off, n - off, MSG_NOSIGNAL);
-        if (w > 0) { off += (size_t)w; continue; }
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd pf[2] = {{p->sock, POLLOUT, 0}, {p->cfd, POLLIN, 0}};
-            int r = poll(pf, 2, 1000);
-            if (r < 0 && errno != EINTR) return -1;
-            if (pf[1].revents) return -1;
-            continue;
-        }
-        return -1;
+/* Stream output is never waited for: what the socket does not take stays in obuf, the TAP
+ * leaves the epoll set and the socket is watched for EPOLLOUT until the queue drains. */
+static void set_blocked(Pump *p, int blocked) {
+    if (blocked == p->out_blocked) return;
+    p->out_blocked = blocked;
+    struct epoll_event ev = {.events = EPOLLIN | (blocked ? EPOLLOUT : 0)};
+    ev.data.fd = p->sock;
+    epoll_ctl(p->ep, EPOLL_CTL_MOD, p->sock, &ev);
+    if (p->tap_failed) return;
+    if (blocked) {
+        epoll_ctl(p->ep, EPOLL_CTL_DEL, p->tap, NULL);
+    } else {
+        struct epoll_event t = {.events = EPOLLIN};
+        t.data.fd = p->tap;
+        epoll_ctl(p->ep, EPOLL_CTL_ADD, p->tap, &t);
     }
-    return 0;
+}
+
+static void mark_closed(Pump *p, int err) {
+    if (p->closed) return;
+    p->closed = 1;
+    push_event(p, EV_CLOSED, err, NULL, 0, NULL, 0);
 }
 
 static void stream_flush(Pump *p) {
-    if (!p->opos) return;
-    size_t n = p->opos;
-    p->opos = 0;
-    pthread_mutex_lock(&p->wlock);
-    int r = stream_write_all(p, p->obuf, n);
-    pthread_mutex_unlock(&p->wlock);
-    if (r < 0 && !p->closed) {
-        p->closed = 1;
-        push_event(p, EV_CLOSED, errno, NULL, 0, NULL, 0);
+    while (p->ostart < p->opos) {
+        ssize_t w = send(p->sock, p->obuf + p->ostart, p->opos - p->ostart, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            p->ostart += (size_t)w;
+            p->last_tx = mono();
+            continue;
+        }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            set_blocked(p, 1);
+            return;
+        }
+        mark_closed(p, w < 0 ? errno : EPIPE);
+        p->ostart = p->opos = 0;
+        return;
     }
-    p->last_tx = mono();
+    p->ostart = p->opos = 0;
+    set_blocked(p, 0);
 }
 
+/* Room for need more bytes at obuf[opos]; compacts the pending output first. */
+static int out_room(Pump *p, size_t need) {
+    if (p->opos + need <= OBUF_CAP) return 1;
+    if (p->ostart) {
+        memmove(p->obuf, p->obuf + p->ostart, p->opos - p->ostart);
+        p->opos -= p->ostart;
+        p->ostart = 0;
+    }
+    return p->opos + need <= OBUF_CAP;
+}
+
+/* 0 sent; -1 no room or no route (drop); -2 EMSGSIZE; -3 the kernel refused the GSO send. */
 static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
     struct iovec iov = {(void *)buf, n};
     struct msghdr m = {0};
@@ -348,14 +392,13 @@ static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
         char buf[CMSG_SPACE(sizeof(uint16_t))];
         struct cmsghdr align;
     } u;
-    char *cbuf = u.buf;
     m.msg_name = &p->peer;
     m.msg_namelen = p->peerlen;
     m.msg_iov = &iov;
     m.msg_iovlen = 1;
     if (seg && seg < n) {
-        memset(cbuf, 0, sizeof u.buf);
-        m.msg_control = cbuf;
+        memset(u.buf, 0, sizeof u.buf);
+        m.msg_control = u.buf;
         m.msg_controllen = sizeof u.buf;
         struct cmsghdr *c = CMSG_FIRSTHDR(&m);
         c->cmsg_level = SOL_UDP;
@@ -364,102 +407,148 @@ static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
         uint16_t s16 = (uint16_t)seg;
         memcpy(CMSG_DATA(c), &s16, sizeof s16);
     }
-    for (int tries = 0; tries < 50; tries++) {
-        ssize_t w = sendmsg(p->sock, &m, 0);
-        if (w >= 0) { p->last_tx = mono(); return 0; }
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
-            struct pollfd pf = {p->sock, POLLOUT, 0};
-            poll(&pf, 1, 10);
-            continue;
+    for (;;) {
+        ssize_t w = sendmsg(p->sock, &m, MSG_DONTWAIT);
+        if (w >= 0) {
+            p->last_tx = mono();
+            return 0;
         }
+        if (errno == EINTR) continue;
         if (errno == EMSGSIZE) {
             push_event(p, EV_MSGSIZE, errno, NULL, 0, NULL, 0);
             return -2;
         }
-        return -1;
+        if (seg && seg < n && (errno == EINVAL || errno == EIO)) return -3;
+        return -1; /* EAGAIN/ENOBUFS (8 MiB buffer full), unreachable: UDP may lose it */
     }
-    return -1;
+}
+
+/* Send pieces [0, count) laid out every seg bytes in o (the last one ends at pos). */
+static int dgram_pieces(Pump *p, const unsigned char *o, size_t pos, size_t count, size_t seg) {
+    size_t b = 0;
+    if (p->gso) { /* the kernel takes at most MAX_GSO_SEGMENTS pieces and MAX_GSO_BYTES per send */
+        size_t per = MAX_GSO_BYTES / seg;
+        if (per > MAX_GSO_SEGMENTS) per = MAX_GSO_SEGMENTS;
+        if (per < 1) per = 1;
+        for (; b < count; b += per) {
+            size_t e = b + per < count ? b + per : count;
+            size_t from = b * seg, to = e == count ? pos : e * seg;
+            int r = dgram_send(p, o + from, to - from, e - b > 1 ? seg : 0);
+            if (r == -3) { /* GSO refused on this path (PMTU below seg, xfrm): piece by piece from now on */
+                p->gso = 0;
+                push_event(p, EV_MSGSIZE, EINVAL, NULL, 0, NULL, 0);
+                break;
+            }
+            if (r < 0) return r;
+        }
+        if (b >= count) return 0;
+    }
+    for (; b < count; b++) {
+        size_t from = b * seg, to = b + 1 == count ? pos : from + seg;
+        int r = dgram_send(p, o + from, to - from, 0);
+        if (r < 0) return r;
+    }
+    return 0;
 }
 
 /* Send one sealed record (in rec, length n) on the datagram socket, split into pieces if needed. */
 static void dgram_record(Pump *p, unsigned char *rec, size_t n, unsigned count_frames) {
     size_t chunk = p->chunk;
-    if (!p->peerlen) { p->drops[D_QUEUE_FULL] += count_frames; return; }
-    if (!chunk || n <= chunk + PH) {
-        int r = dgram_send(p, rec, n, 0);
-        if (r < 0) p->drops[r == -2 ? D_TOO_BIG : D_QUEUE_FULL] += count_frames;
+    int r;
+    if (!p->peerlen) {
+        p->drops[D_QUEUE_FULL] += count_frames;
         return;
     }
-    size_t count = (n + chunk - 1) / chunk;
-    if (count > MAX_PIECES) { p->drops[D_TOO_BIG] += count_frames; return; }
-    uint32_t receiver = be32(rec + 4), seq = (uint32_t)be64(rec + 8);
-    unsigned char *o = p->piecebuf;
-    size_t pos = 0;
-    for (size_t i = 0; i < count; i++) {
-        size_t off = i * chunk, len = n - off < chunk ? n - off : chunk;
-        o[pos] = T_PIECE;
-        o[pos + 1] = (unsigned char)i;
-        o[pos + 2] = (unsigned char)count;
-        o[pos + 3] = 0;
-        put32(o + pos + 4, receiver);
-        put32(o + pos + 8, seq);
-        put32(o + pos + 12, (uint32_t)off);
-        memcpy(o + pos + PH, rec + off, len);
-        pos += PH + len;
-    }
-    /* the kernel takes at most MAX_GSO_SEGMENTS pieces and MAX_GSO_BYTES per UDP_SEGMENT send */
-    size_t seg = PH + chunk, per = MAX_GSO_BYTES / seg;
-    if (per > MAX_GSO_SEGMENTS) per = MAX_GSO_SEGMENTS;
-    if (per < 1) per = 1;
-    for (size_t b = 0; b < count; b += per) {
-        size_t e = b + per < count ? b + per : count;
-        size_t from = b * seg, to = e == count ? pos : e * seg;
-        int r = dgram_send(p, o + from, to - from, e - b > 1 ? seg : 0);
-        if (r < 0) {
-            p->drops[r == -2 ? D_TOO_BIG : D_QUEUE_FULL] += count_frames;
+    if (!chunk || n <= chunk + PH) {
+        r = dgram_send(p, rec, n, 0);
+    } else {
+        size_t count = (n + chunk - 1) / chunk;
+        if (count > MAX_PIECES) {
+            p->drops[D_TOO_BIG] += count_frames;
             return;
         }
+        uint32_t receiver = be32(rec + 4), seq = (uint32_t)be64(rec + 8);
+        unsigned char *o = p->piecebuf;
+        size_t pos = 0;
+        for (size_t i = 0; i < count; i++) {
+            size_t off = i * chunk, len = n - off < chunk ? n - off : chunk;
+            o[pos] = T_PIECE;
+            o[pos + 1] = (unsigned char)i;
+            o[pos + 2] = (unsigned char)count;
+            o[pos + 3] = 0;
+            put32(o + pos + 4, receiver);
+            put32(o + pos + 8, seq);
+            put32(o + pos + 12, (uint32_t)off);
+            memcpy(o + pos + PH, rec + off, len);
+            pos += PH + len;
+        }
+        r = dgram_pieces(p, o, pos, count, PH + chunk);
     }
+    if (r < 0) p->drops[r == -2 ? D_TOO_BIG : D_QUEUE_FULL] += count_frames;
 }
 
-/* Seal payload and send it (stream: into the batch buffer; datagram: right away). */
-static void send_payload(Pump *p, const unsigned char *payload, size_t n, int flags, unsigned count, size_t nbytes,
-                         unsigned segs) {
+/* Seal payload and send it (stream: queued in obuf, flushed at FLUSH_AT; datagram: right away).
+ * Returns 1 when the record was sealed. */
+static int send_payload(Pump *p, const unsigned char *payload, size_t n, int flags, unsigned count, size_t nbytes,
+                        unsigned segs) {
     if (p->stream) {
-        if (p->opos + 4 + n + OVERHEAD > TX_BUF) stream_flush(p);
+        if (p->closed || !out_room(p, 4 + n + OVERHEAD)) {
+            p->drops[D_QUEUE_FULL] += count;
+            return 0;
+        }
         size_t r = seal(p, payload, n, flags, p->obuf + p->opos + 4);
-        if (!r) return;
+        if (!r) return 0;
         put32(p->obuf + p->opos, (uint32_t)r);
         p->opos += 4 + r;
-        if (p->opos >= FLUSH_AT) stream_flush(p);
+        if (p->opos - p->ostart >= FLUSH_AT && !p->out_blocked) stream_flush(p);
     } else {
         unsigned char *rec = p->obuf;
         size_t r = seal(p, payload, n, flags, rec);
-        if (!r) return;
+        if (!r) return 0;
         dgram_record(p, rec, r, count);
     }
     p->records_out++;
     p->bytes_out += nbytes;
     p->frames_out += segs;
+    return 1;
 }
 
-/* Drain the TAP: small frames are bundled (u16 length prefix), big ones go alone. */
+/* The bundle at buf[0:pos]: count frames of nbytes behind u16 lengths; a lone frame goes without its length. */
+static void send_bundle(Pump *p, unsigned char *buf, size_t pos, unsigned count, size_t nbytes, unsigned segs) {
+    int flags = p->vnet ? FLAG_VNET : 0;
+    if (count > 1) send_payload(p, buf, pos, flags | FLAG_BUNDLE, count, nbytes, segs);
+    else send_payload(p, buf + 2, nbytes, flags, 1, nbytes, segs);
+}
+
+static void tap_failed(Pump *p, int err) {
+    p->drops[D_DEVICE]++;
+    p->tap_failed = 1;
+    epoll_ctl(p->ep, EPOLL_CTL_DEL, p->tap, NULL);
+    push_event(p, EV_DEVICE, err, NULL, 0, NULL, 0);
+}
+
+/* Drain the TAP: small frames are bundled (u16 length prefix), big ones go alone. Never waits
+ * for more frames than are queued, so bundling adds no latency. */
 static void on_tap(Pump *p) {
     unsigned char *buf = p->rbuf;
     size_t pos = 0, nbytes = 0, limit = p->bundle_limit;
     unsigned count = 0, segs = 0;
-    int flags = p->vnet ? FLAG_VNET : 0;
-    for (int i = 0; i < READ_BATCH; i++) {
+    for (int i = 0; i < READ_BATCH && !p->out_blocked && !p->closed; i++) {
         ssize_t n = read(p->tap, buf + pos + 2, MAX_PAYLOAD);
-        if (n < 0) break;
-        if (n >= MAX_PAYLOAD) { p->drops[D_TOO_BIG]++; continue; }
+        if (n <= 0) { /* a TAP never reads empty: 0 is a closed test device */
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) tap_failed(p, n ? errno : EPIPE);
+            break;
+        }
+        if (n >= MAX_PAYLOAD) {
+            p->drops[D_TOO_BIG]++;
+            continue;
+        }
         unsigned char *f = buf + pos + 2;
-        unsigned s = (p->vnet && f[1]) ? gso_segments(f, (size_t)n, 1) : 1;
+        unsigned s = (p->vnet && n > 1 && f[1]) ? gso_segments(f, (size_t)n, 1) : 1;
         flow_note(p, 1, p->vnet, f, (size_t)n, s);
         if (n > BUNDLE_FRAME_MAX) {
-            if (count) send_payload(p, count > 1 ? buf : buf + 2, count > 1 ? pos : nbytes, flags | (count > 1 ? FLAG_BUNDLE : 0), count, nbytes, segs);
-            send_payload(p, f, (size_t)n, flags, 1, (size_t)n, s);
+            if (count) send_bundle(p, buf, pos, count, nbytes, segs);
+            send_payload(p, f, (size_t)n, p->vnet ? FLAG_VNET : 0, 1, (size_t)n, s);
             pos = nbytes = 0;
             count = segs = 0;
         } else {
@@ -470,14 +559,14 @@ static void on_tap(Pump *p) {
             nbytes += (size_t)n;
             segs += s;
             if (pos >= limit) {
-                send_payload(p, count > 1 ? buf : buf + 2, count > 1 ? pos : nbytes, flags | (count > 1 ? FLAG_BUNDLE : 0), count, nbytes, segs);
+                send_bundle(p, buf, pos, count, nbytes, segs);
                 pos = nbytes = 0;
                 count = segs = 0;
             }
         }
     }
-    if (count) send_payload(p, count > 1 ? buf : buf + 2, count > 1 ? pos : nbytes, flags | (count > 1 ? FLAG_BUNDLE : 0), count, nbytes, segs);
-    if (p->stream) stream_flush(p);
+    if (count) send_bundle(p, buf, pos, count, nbytes, segs);
+    if (p->stream && !p->out_blocked) stream_flush(p);
 }
 
 /* -- receiving -------------------------------------------------------------------------- */
@@ -569,7 +658,7 @@ static void stream_parse(Pump *p) {
         uint32_t ln = be32(b + start);
         if (ln == 0 || ln > MAX_RECORD) {
             p->drops[D_DECODE]++;
-            if (!p->closed) { p->closed = 1; push_event(p, EV_CLOSED, EPROTO, NULL, 0, NULL, 0); }
+            mark_closed(p, EPROTO);
             p->rstart = p->rend = 0;
             return;
         }
@@ -593,7 +682,7 @@ static void on_stream(Pump *p) {
         }
         ssize_t k = recv(p->sock, p->ring + p->rend, RX_RING - p->rend, 0);
         if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-            if (!p->closed) { p->closed = 1; push_event(p, EV_CLOSED, k == 0 ? 0 : errno, NULL, 0, NULL, 0); }
+            mark_closed(p, k == 0 ? 0 : errno);
             return;
         }
         if (k < 0) return;
@@ -641,7 +730,7 @@ static void on_piece(Pump *p, const unsigned char *d, size_t n, const struct soc
         q->stamp = ++p->pstamp;
         q->created = mono();
     }
-    if (q->count != count) { p->drops[D_DECODE]++; q->used = 0; return; }
+    if (q->count != count) { p->drops[D_DECODE]++; return; } /* this piece is wrong, not the record */
     if ((q->have[idx / 64] >> (idx % 64)) & 1) return; /* duplicate piece */
     q->have[idx / 64] |= 1ULL << (idx % 64);
     q->got++;
@@ -696,6 +785,9 @@ static void on_udp(Pump *p) {
 static void *run(void *arg) {
     Pump *p = arg;
     struct epoll_event evs[4];
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the interpreter's business */
     if (p->stream && p->rend > p->rstart) {
         pthread_mutex_lock(&p->lock);
         stream_parse(p);
@@ -711,11 +803,19 @@ static void *run(void *arg) {
         pthread_mutex_lock(&p->lock);
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
-            if (fd == p->cfd) stop = 1;
-            else if (p->closed) continue;
-            else if (fd == p->tap) on_tap(p);
-            else if (p->stream) on_stream(p);
-            else on_udp(p);
+            uint32_t what = evs[i].events;
+            if (fd == p->cfd) {
+                stop = 1;
+            } else if (p->closed) {
+                continue;
+            } else if (fd == p->tap) {
+                if (!p->tap_failed && !p->out_blocked) on_tap(p);
+            } else if (p->stream) {
+                if (what & EPOLLOUT) stream_flush(p);
+                if (what & (EPOLLIN | EPOLLHUP | EPOLLERR)) on_stream(p);
+            } else {
+                on_udp(p);
+            }
         }
         pthread_mutex_unlock(&p->lock);
         if (stop) break;
@@ -726,32 +826,65 @@ static void *run(void *arg) {
 
 /* -- Python type ------------------------------------------------------------------------ */
 
+#define LOCK_NOGIL(p)                                                                                                  \
+    do {                                                                                                               \
+        Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&(p)->lock);                                                         \
+        Py_END_ALLOW_THREADS                                                                                           \
+    } while (0)
+
 static void free_slot(Slot *s) {
     if (s->send) EVP_CIPHER_CTX_free(s->send);
     if (s->recv) EVP_CIPHER_CTX_free(s->recv);
     memset(s, 0, sizeof(*s));
 }
 
+static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Pump *p = (Pump *)type->tp_alloc(type, 0);
+    if (p) p->efd = p->cfd = p->ep = p->tap = p->sock = -1; /* nothing of ours to close yet */
+    return (PyObject *)p;
+}
+
+static int check_ready(Pump *p) {
+    if (p->initialised) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Pump.__init__ was not run");
+    return -1;
+}
+
 static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
-    static char *names[] = {"tap_fd", "sock_fd", "stream", "vnet", "bundle_limit", "chunk", "flows", NULL};
+    static char *names[] = {"tap_fd", "sock_fd", "stream", "vnet", "bundle_limit", "chunk", "flows", "gso", NULL};
     Py_ssize_t bundle = 32 * 1024, chunk = 0;
-    int flows = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipp|nnp", names, &p->tap, &p->sock, &p->stream, &p->vnet, &bundle,
-                                     &chunk, &flows))
+    int flows = 0, gso = 1, tap, sock, stream, vnet;
+    if (p->initialised) {
+        PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
-    if (bundle < 1024 || bundle > 60000) {
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipp|nnpp", names, &tap, &sock, &stream, &vnet, &bundle, &chunk, &flows,
+                                     &gso))
+        return -1;
+    /* a bundle (frames up to BUNDLE_FRAME_MAX appended until the limit is passed) must fit one record */
+    if (bundle < 1024 || bundle > MAX_PAYLOAD - BUNDLE_FRAME_MAX - 2) {
         PyErr_SetString(PyExc_ValueError, "bundle_limit out of range");
         return -1;
     }
+    if (chunk < 0 || chunk > 65535) {
+        PyErr_SetString(PyExc_ValueError, "chunk out of range");
+        return -1;
+    }
+    if (tap < 0 || sock < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return -1;
+    }
+    p->tap = tap;
+    p->sock = sock;
+    p->stream = stream;
+    p->vnet = vnet;
     p->bundle_limit = (size_t)bundle;
     p->chunk = (size_t)chunk;
     p->flows = flows;
+    p->gso = gso;
     p->tx = -1;
-    p->efd = p->cfd = p->ep = -1;
-    pthread_mutex_init(&p->lock, NULL);
-    pthread_mutex_init(&p->wlock, NULL);
-    p->rbuf = malloc(60000 + MAX_PAYLOAD + 2);
-    p->obuf = malloc(TX_BUF > MAX_RECORD ? TX_BUF : MAX_RECORD);
+    p->rbuf = malloc(MAX_PAYLOAD + MAX_PAYLOAD + 2);
+    p->obuf = malloc(OBUF_CAP > MAX_RECORD ? OBUF_CAP : MAX_RECORD);
     p->ring = p->stream ? malloc(RX_RING) : NULL;
     p->plain = malloc(MAX_PAYLOAD);
     p->gro = p->stream ? NULL : malloc(GRO_BUF);
@@ -764,7 +897,17 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
     }
     if (!p->stream)
         for (int i = 0; i < PARTIALS; i++)
-            if (!(p->partials[i].buf = malloc(MAX_RECORD))) { PyErr_NoMemory(); return -1; }
+            if (!(p->partials[i].buf = malloc(MAX_RECORD))) {
+                PyErr_NoMemory();
+                return -1;
+            }
+    for (int i = 0; i < 2; i++) { /* the thread must never block in read/recv/send */
+        int fd = i ? sock : tap, fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
     p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     p->cfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     p->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -772,9 +915,9 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    struct epoll_event ev = {.events = EPOLLIN};
     int fds[3] = {p->cfd, p->tap, p->sock};
     for (int i = 0; i < 3; i++) {
+        struct epoll_event ev = {.events = EPOLLIN};
         ev.data.fd = fds[i];
         if (epoll_ctl(p->ep, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
@@ -785,6 +928,8 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
         int one = 1;
         setsockopt(p->sock, SOL_UDP, UDP_GRO_OPT, &one, sizeof one);
     }
+    pthread_mutex_init(&p->lock, NULL);
+    p->initialised = 1;
     return 0;
 }
 
@@ -793,35 +938,48 @@ static void stop_thread(Pump *p) {
     uint64_t one = 1;
     ssize_t w = write(p->cfd, &one, 8);
     (void)w;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_join(p->thread, NULL);
-    Py_END_ALLOW_THREADS
-    p->running = 0;
+    Py_BEGIN_ALLOW_THREADS pthread_join(p->thread, NULL);
+    Py_END_ALLOW_THREADS p->running = 0;
 }
 
 static void Pump_dealloc(Pump *p) {
     stop_thread(p);
     for (int i = 0; i < SLOTS; i++) free_slot(&p->slots[i]);
     for (int i = 0; i < PARTIALS; i++) free(p->partials[i].buf);
-    for (Event *e = p->ev_head, *n; e; e = n) { n = e->next; free(e); }
-    free(p->rbuf); free(p->obuf); free(p->ring); free(p->plain); free(p->gro); free(p->piecebuf); free(p->flow_ring);
+    for (Event *e = p->ev_head, *n; e; e = n) {
+        n = e->next;
+        free(e);
+    }
+    free(p->rbuf);
+    free(p->obuf);
+    free(p->ring);
+    free(p->plain);
+    free(p->gro);
+    free(p->piecebuf);
+    free(p->flow_ring);
     if (p->efd >= 0) close(p->efd);
     if (p->cfd >= 0) close(p->cfd);
     if (p->ep >= 0) close(p->ep);
+    if (p->initialised) pthread_mutex_destroy(&p->lock);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
 static PyObject *Pump_start(Pump *p, PyObject *unused) {
+    if (check_ready(p) < 0) return NULL;
     if (p->running) Py_RETURN_NONE;
+    uint64_t junk;
+    ssize_t r = read(p->cfd, &junk, 8); /* a stop request of an earlier run */
+    (void)r;
     if (pthread_create(&p->thread, NULL, run, p) != 0) return PyErr_SetFromErrno(PyExc_OSError);
     p->running = 1;
     Py_RETURN_NONE;
 }
 
 static PyObject *Pump_stop(Pump *p, PyObject *unused) {
+    if (check_ready(p) < 0) return NULL;
     stop_thread(p);
-    pthread_mutex_lock(&p->lock);
-    if (p->stream) stream_flush(p);
+    LOCK_NOGIL(p);
+    if (p->stream && !p->closed) stream_flush(p); /* best effort, never waits */
     pthread_mutex_unlock(&p->lock);
     Py_RETURN_NONE;
 }
@@ -832,34 +990,76 @@ static EVP_CIPHER_CTX *make_ctx(const char *key, Py_ssize_t n, int enc) {
     if (!c) return NULL;
     int ok = enc ? EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, (const unsigned char *)key, NULL)
                  : EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, (const unsigned char *)key, NULL);
-    if (!ok) { EVP_CIPHER_CTX_free(c); return NULL; }
+    if (!ok) {
+        EVP_CIPHER_CTX_free(c);
+        return NULL;
+    }
     return c;
 }
 
+/* Replace the session table with fresh (lock held). A session the pump already has keeps its live
+ * state: the larger send counter (a nonce is never reused), the merged replay window, its counters,
+ * and a promotion Python has not heard of yet. */
+static void install_sessions(Pump *p, Slot *fresh, int tx) {
+    int promoted = -1;
+    for (int i = 0; i < SLOTS; i++) {
+        Slot *s = &fresh[i];
+        if (!s->used) continue;
+        Slot *old = slot_by_index(p, s->local_index);
+        if (!old || old->remote_index != s->remote_index) continue;
+        window_merge(s, old);
+        if (old->next_counter > s->next_counter) s->next_counter = old->next_counter;
+        s->records_sent = old->records_sent;
+        s->bytes_sent = old->bytes_sent;
+        s->records_received = old->records_received;
+        s->bytes_received = old->bytes_received;
+        if (old->kind == 0 && s->kind == 1) promoted = i; /* EV_ROTATED is still on its way to Python */
+    }
+    if (promoted >= 0) {
+        for (int i = 0; i < SLOTS; i++)
+            if (fresh[i].used && fresh[i].kind == 0) fresh[i].kind = 2;
+        fresh[promoted].kind = 0;
+        tx = promoted;
+    }
+    for (int i = 0; i < SLOTS; i++) free_slot(&p->slots[i]);
+    memcpy(p->slots, fresh, sizeof(Slot) * SLOTS);
+    p->tx = tx;
+}
+
 /* set_sessions([(local_index, remote_index, send_key, recv_key, next_counter, limit, kind, top, bits), ...])
- * top: highest counter received (-1: none); bits: the replay window, 256 bytes little-endian.
- * Slots whose local index is kept keep their replay window and counters. */
+ * kind: 0 seals, 1 becomes current on its first record, 2 opens only; top: highest counter received
+ * (-1: none); bits: the replay window, 256 bytes little-endian. A refused table changes nothing. */
 static PyObject *Pump_set_sessions(Pump *p, PyObject *arg) {
+    if (check_ready(p) < 0) return NULL;
     PyObject *seq = PySequence_Fast(arg, "sessions must be a sequence");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n > SLOTS) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "too many sessions"); return NULL; }
+    if (n > SLOTS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many sessions");
+        return NULL;
+    }
     Slot fresh[SLOTS];
     memset(fresh, 0, sizeof fresh);
     int tx = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long li, ri;
-        const char *sk, *rk;
-        Py_ssize_t skn, rkn;
+        const char *sk, *rk, *wb;
+        Py_ssize_t skn, rkn, wbn;
         unsigned long long nc, lim;
         long long top;
-        const char *wb;
-        Py_ssize_t wbn;
         int kind;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "kky#y#KKiLy#", &li, &ri, &sk, &skn, &rk, &rkn, &nc, &lim,
                               &kind, &top, &wb, &wbn))
             goto fail;
-        if (wbn != WINDOW_WORDS * 8) { PyErr_SetString(PyExc_ValueError, "replay window must be 256 bytes"); goto fail; }
+        if (wbn != WINDOW_WORDS * 8) {
+            PyErr_SetString(PyExc_ValueError, "replay window must be 256 bytes");
+            goto fail;
+        }
+        if (kind < 0 || kind > 2 || (kind == 0 && tx >= 0)) {
+            PyErr_SetString(PyExc_ValueError, "session kind must be 0 (one at most), 1 or 2");
+            goto fail;
+        }
         Slot *s = &fresh[i];
         s->used = 1;
         s->kind = kind;
@@ -876,27 +1076,15 @@ static PyObject *Pump_set_sessions(Pump *p, PyObject *arg) {
         }
         s->send = make_ctx(sk, skn, 1);
         s->recv = make_ctx(rk, rkn, 0);
-        if (!s->send || !s->recv) { PyErr_SetString(PyExc_ValueError, "bad session key"); goto fail; }
+        if (!s->send || !s->recv) {
+            PyErr_SetString(PyExc_ValueError, "bad session key");
+            goto fail;
+        }
         if (kind == 0) tx = (int)i;
     }
     Py_DECREF(seq);
-    pthread_mutex_lock(&p->lock);
-    for (int i = 0; i < SLOTS; i++) {
-        Slot *s = &fresh[i];
-        if (!s->used) continue;
-        Slot *old = slot_by_index(p, s->local_index);
-        if (old && old->remote_index == s->remote_index) { /* same session: the native state is the live one */
-            window_merge(s, old); /* a counter either side has seen stays seen */
-            if (old->next_counter > s->next_counter) s->next_counter = old->next_counter; /* never reuse a nonce */
-            s->records_sent = old->records_sent;
-            s->bytes_sent = old->bytes_sent;
-            s->records_received = old->records_received;
-            s->bytes_received = old->bytes_received;
-        }
-    }
-    for (int i = 0; i < SLOTS; i++) free_slot(&p->slots[i]);
-    memcpy(p->slots, fresh, sizeof fresh);
-    p->tx = tx;
+    LOCK_NOGIL(p);
+    install_sessions(p, fresh, tx);
     pthread_mutex_unlock(&p->lock);
     Py_RETURN_NONE;
 fail:
@@ -906,12 +1094,13 @@ fail:
 }
 
 static PyObject *Pump_session_counters(Pump *p, PyObject *unused) {
-    PyObject *d = PyDict_New();
-    if (!d) return NULL;
-    pthread_mutex_lock(&p->lock);
+    if (check_ready(p) < 0) return NULL;
     Slot copy[SLOTS];
+    LOCK_NOGIL(p);
     memcpy(copy, p->slots, sizeof copy);
     pthread_mutex_unlock(&p->lock);
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
     for (int i = 0; i < SLOTS; i++) {
         Slot *s = &copy[i];
         if (!s->used) continue;
@@ -919,7 +1108,12 @@ static PyObject *Pump_session_counters(Pump *p, PyObject *unused) {
         PyObject *v = Py_BuildValue("(KKKKK)", (unsigned long long)s->next_counter, (unsigned long long)s->records_sent,
                                     (unsigned long long)s->bytes_sent, (unsigned long long)s->records_received,
                                     (unsigned long long)s->bytes_received);
-        if (!k || !v || PyDict_SetItem(d, k, v) < 0) { Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        if (!k || !v || PyDict_SetItem(d, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
         Py_DECREF(k);
         Py_DECREF(v);
     }
@@ -944,20 +1138,23 @@ static PyObject *addr_tuple(const struct sockaddr_storage *a, socklen_t len) {
 
 /* take() -> [(kind, value, bytes, addr), ...]: the queued events, oldest first. */
 static PyObject *Pump_take(Pump *p, PyObject *unused) {
+    if (check_ready(p) < 0) return NULL;
     uint64_t junk;
     ssize_t r = read(p->efd, &junk, 8);
     (void)r;
-    pthread_mutex_lock(&p->lock);
+    LOCK_NOGIL(p);
     Event *e = p->ev_head;
     p->ev_head = p->ev_tail = NULL;
-    p->ev_count = 0;
+    p->ev_messages = 0;
+    p->msgsize_pending = 0;
     pthread_mutex_unlock(&p->lock);
     PyObject *out = PyList_New(0);
     while (e) {
         Event *n = e->next;
         if (out) {
             PyObject *addr = addr_tuple(&e->addr, e->addrlen);
-            PyObject *t = addr ? Py_BuildValue("(iLy#N)", e->kind, e->value, (const char *)e->data, (Py_ssize_t)e->len, addr) : NULL;
+            PyObject *t = addr ? Py_BuildValue("(iLy#N)", e->kind, e->value, (const char *)e->data, (Py_ssize_t)e->len, addr)
+                               : NULL;
             if (!t || PyList_Append(out, t) < 0) Py_CLEAR(out);
             Py_XDECREF(t);
         }
@@ -968,85 +1165,110 @@ static PyObject *Pump_take(Pump *p, PyObject *unused) {
 }
 
 static PyObject *Pump_flows(Pump *p, PyObject *unused) {
-    PyObject *out = PyList_New(0);
-    if (!out || !p->flows) return out;
-    pthread_mutex_lock(&p->lock);
+    if (check_ready(p) < 0) return NULL;
+    if (!p->flows) return PyList_New(0);
+    LOCK_NOGIL(p);
     size_t n = p->flow_len, head = p->flow_head;
     FlowRec *copy = n ? malloc(n * sizeof(FlowRec)) : NULL;
-    for (size_t i = 0; copy && i < n; i++) copy[i] = p->flow_ring[(head + i) % FLOW_RING];
-    p->flow_len = 0;
-    p->flow_head = 0;
+    if (copy) {
+        for (size_t i = 0; i < n; i++) copy[i] = p->flow_ring[(head + i) % FLOW_RING];
+        p->flow_len = 0;
+        p->flow_head = 0;
+    }
     pthread_mutex_unlock(&p->lock);
-    for (size_t i = 0; copy && i < n; i++) {
+    if (n && !copy) return PyErr_NoMemory();
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; out && i < n; i++) {
         FlowRec *f = &copy[i];
         PyObject *t = Py_BuildValue("(iiIIy#)", f->dir, f->vnet, f->len, f->segs, (const char *)f->data, (Py_ssize_t)f->snap);
-        if (!t || PyList_Append(out, t) < 0) { Py_XDECREF(t); Py_CLEAR(out); break; }
-        Py_DECREF(t);
+        if (!t || PyList_Append(out, t) < 0) Py_CLEAR(out);
+        Py_XDECREF(t);
     }
     free(copy);
     return out;
 }
 
 static PyObject *Pump_stats(Pump *p, PyObject *unused) {
-    pthread_mutex_lock(&p->lock);
-    PyObject *drops = PyDict_New();
-    for (int i = 0; drops && i < D_COUNT; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(p->drops[i]);
-        if (!v || PyDict_SetItemString(drops, DROP_NAMES[i], v) < 0) Py_CLEAR(drops);
+    if (check_ready(p) < 0) return NULL;
+    unsigned long long c[8], drops[D_COUNT];
+    double last_rx, last_tx;
+    int closed, gso, out_blocked;
+    unsigned long long flow_lost;
+    LOCK_NOGIL(p);
+    unsigned long long src[8] = {p->records_out, p->bytes_out, p->frames_out, p->records_in,
+                                 p->bytes_in, p->frames_in, p->keepalives_in, p->keepalives_out};
+    memcpy(c, src, sizeof c);
+    memcpy(drops, p->drops, sizeof drops);
+    last_rx = p->last_rx;
+    last_tx = p->last_tx;
+    closed = p->closed;
+    gso = p->gso;
+    out_blocked = p->out_blocked;
+    flow_lost = p->flow_lost;
+    pthread_mutex_unlock(&p->lock);
+    PyObject *dd = PyDict_New();
+    for (int i = 0; dd && i < D_COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(drops[i]);
+        if (!v || PyDict_SetItemString(dd, DROP_NAMES[i], v) < 0) Py_CLEAR(dd);
         Py_XDECREF(v);
     }
-    PyObject *d = drops ? Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsdsdsNsnsisK}", "records_out", p->records_out, "bytes_out", p->bytes_out, "frames_out",
-        p->frames_out, "records_in", p->records_in, "bytes_in", p->bytes_in, "frames_in", p->frames_in, "keepalives_in",
-        p->keepalives_in, "keepalives_out", p->keepalives_out, "last_rx", p->last_rx, "last_tx", p->last_tx, "drops", drops,
-        "events_queued", (Py_ssize_t)p->ev_count, "closed", p->closed, "flows_lost", (unsigned long long)p->flow_lost) : NULL;
-    pthread_mutex_unlock(&p->lock);
-    return d;
+    if (!dd) return NULL;
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsdsdsNsisisisK}", "records_out", c[0], "bytes_out", c[1], "frames_out", c[2],
+                         "records_in", c[3], "bytes_in", c[4], "frames_in", c[5], "keepalives_in", c[6],
+                         "keepalives_out", c[7], "last_rx", last_rx, "last_tx", last_tx, "drops", dd, "closed", closed,
+                         "gso", gso, "output_blocked", out_blocked, "flows_lost", flow_lost);
 }
 
-/* send_message(msg): a non-record message (handshake) on the link, ordered with the records. */
+/* send_message(msg) -> bool: a handshake message on the link, after the records already sealed.
+ * Stream: queued behind them (never waits); datagram: sent to the peer. */
 static PyObject *Pump_send_message(Pump *p, PyObject *arg) {
+    if (check_ready(p) < 0) return NULL;
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
-    int r;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&p->lock);
+    int ok = 0;
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&p->lock);
     if (p->stream) {
-        stream_flush(p);
-        unsigned char len[4];
-        put32(len, (uint32_t)b.len);
-        pthread_mutex_lock(&p->wlock);
-        r = stream_write_all(p, len, 4);
-        if (!r) r = stream_write_all(p, b.buf, (size_t)b.len);
-        pthread_mutex_unlock(&p->wlock);
+        if (!p->closed && b.len <= MAX_RECORD && out_room(p, 4 + (size_t)b.len)) {
+            put32(p->obuf + p->opos, (uint32_t)b.len);
+            memcpy(p->obuf + p->opos + 4, b.buf, (size_t)b.len);
+            p->opos += 4 + (size_t)b.len;
+            if (!p->out_blocked) stream_flush(p);
+            ok = !p->closed;
+        }
     } else {
-        r = p->peerlen ? dgram_send(p, b.buf, (size_t)b.len, 0) : -1;
+        ok = p->peerlen && dgram_send(p, b.buf, (size_t)b.len, 0) == 0;
     }
     pthread_mutex_unlock(&p->lock);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&b);
-    return PyBool_FromLong(r == 0);
-}
-
-/* send_keepalive(): an empty record under the current session. */
-static PyObject *Pump_send_keepalive(Pump *p, PyObject *unused) {
-    int ok = 0;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&p->lock);
-    unsigned long long before = p->records_out;
-    send_payload(p, (const unsigned char *)"", 0, p->vnet ? FLAG_VNET : 0, 0, 0, 0);
-    if (p->stream) stream_flush(p);
-    ok = p->records_out != before;
-    if (ok) { p->records_out--; p->keepalives_out++; }
-    pthread_mutex_unlock(&p->lock);
-    Py_END_ALLOW_THREADS
+    Py_END_ALLOW_THREADS PyBuffer_Release(&b);
     return PyBool_FromLong(ok);
 }
 
+/* send_keepalive() -> bool: an empty record under the current session. */
+static PyObject *Pump_send_keepalive(Pump *p, PyObject *unused) {
+    if (check_ready(p) < 0) return NULL;
+    int ok = 0;
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&p->lock);
+    ok = send_payload(p, (const unsigned char *)"", 0, p->vnet ? FLAG_VNET : 0, 0, 0, 0);
+    if (ok) {
+        p->records_out--; /* a keepalive is not a record of frames */
+        p->keepalives_out++;
+    }
+    if (p->stream && !p->out_blocked && !p->closed) stream_flush(p);
+    pthread_mutex_unlock(&p->lock);
+    Py_END_ALLOW_THREADS return PyBool_FromLong(ok);
+}
+
+/* set_peer(host, port[, flowinfo, scope_id]): datagram: where records go. */
 static PyObject *Pump_set_peer(Pump *p, PyObject *args) {
+    if (check_ready(p) < 0) return NULL;
     const char *host;
     int port;
-    if (!PyArg_ParseTuple(args, "si", &host, &port)) return NULL;
+    unsigned int flowinfo = 0, scope = 0;
+    if (!PyArg_ParseTuple(args, "si|II", &host, &port, &flowinfo, &scope)) return NULL;
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "port out of range");
+        return NULL;
+    }
     struct sockaddr_storage a;
     memset(&a, 0, sizeof a);
     socklen_t len;
@@ -1059,12 +1281,14 @@ static PyObject *Pump_set_peer(Pump *p, PyObject *args) {
     } else if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
         s6->sin6_family = AF_INET6;
         s6->sin6_port = htons((uint16_t)port);
+        s6->sin6_flowinfo = htonl(flowinfo);
+        s6->sin6_scope_id = scope;
         len = sizeof *s6;
     } else {
         PyErr_SetString(PyExc_ValueError, "peer host must be an IP address");
         return NULL;
     }
-    pthread_mutex_lock(&p->lock);
+    LOCK_NOGIL(p);
     memcpy(&p->peer, &a, sizeof a);
     p->peerlen = len;
     pthread_mutex_unlock(&p->lock);
@@ -1072,9 +1296,14 @@ static PyObject *Pump_set_peer(Pump *p, PyObject *args) {
 }
 
 static PyObject *Pump_set_chunk(Pump *p, PyObject *arg) {
+    if (check_ready(p) < 0) return NULL;
     Py_ssize_t c = PyLong_AsSsize_t(arg);
-    if (c < 0 && PyErr_Occurred()) return NULL;
-    pthread_mutex_lock(&p->lock);
+    if (c == -1 && PyErr_Occurred()) return NULL;
+    if (c < 0 || c > 65535) {
+        PyErr_SetString(PyExc_ValueError, "chunk out of range");
+        return NULL;
+    }
+    LOCK_NOGIL(p);
     p->chunk = (size_t)c;
     pthread_mutex_unlock(&p->lock);
     Py_RETURN_NONE;
@@ -1082,6 +1311,7 @@ static PyObject *Pump_set_chunk(Pump *p, PyObject *arg) {
 
 /* feed(data): stream bytes already read from the socket (before start()), parsed first. */
 static PyObject *Pump_feed(Pump *p, PyObject *arg) {
+    if (check_ready(p) < 0) return NULL;
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
     if (p->running || !p->stream || (size_t)b.len > RX_RING - p->rend) {
@@ -1112,14 +1342,15 @@ static PyMethodDef Pump_methods[] = {
     {"set_chunk", (PyCFunction)Pump_set_chunk, METH_O, "Datagram: record bytes per piece."},
     {NULL}};
 
-static PyGetSetDef Pump_getset[] = {{"event_fd", (getter)Pump_event_fd, NULL, "Readable when events are queued.", NULL}, {NULL}};
+static PyGetSetDef Pump_getset[] = {{"event_fd", (getter)Pump_event_fd, NULL, "Readable when events are queued.", NULL},
+                                    {NULL}};
 
 static PyTypeObject PumpType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vna_agent.dataplane._fastpath.Pump",
     .tp_basicsize = sizeof(Pump),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Native forwarding thread for one established tunnel link.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = Pump_new,
     .tp_init = (initproc)Pump_init,
     .tp_dealloc = (destructor)Pump_dealloc,
     .tp_methods = Pump_methods,
@@ -1139,5 +1370,6 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyModule_AddIntConstant(m, "EV_CLOSED", EV_CLOSED);
     PyModule_AddIntConstant(m, "EV_PEER", EV_PEER);
     PyModule_AddIntConstant(m, "EV_MSGSIZE", EV_MSGSIZE);
+    PyModule_AddIntConstant(m, "EV_DEVICE", EV_DEVICE);
     return m;
 }

@@ -185,7 +185,7 @@ class DatagramLink:
             v for i in range(npieces) for v in (phv[i * _PH : (i + 1) * _PH], rec[i * chunk : (i + 1) * chunk])
         ]
         self._hdr_args = [v for i in range(npieces) for v in (_PIECE, i, 0, 0, 0, 0, i * chunk)]
-        if self.fast is not None:
+        if self.fast is not None and chunk > 0:
             self.fast.set_chunk(chunk)
 
     @property
@@ -274,7 +274,7 @@ class DatagramLink:
     def engage(self) -> None:
         """Hand the socket and the TAP to the fast path once keyed and the peer is known."""
         ch, sock, peer = self.channel, self.sock, self.peer
-        if self.fast is not None or sock is None or peer is None or self._queue:
+        if self.fast is not None or sock is None or peer is None or self._queue or self._chunk <= 0:
             return
         if not isinstance(ch, SecureChannel) or not ch.session_table():
             return
@@ -286,11 +286,12 @@ class DatagramLink:
             on_peer=self._fast_peer,
             on_msgsize=self._refresh_mtu,
             chunk=self._chunk,
+            gso=self.gso,
         )
         if fast is None:
             return
         asyncio.get_running_loop().remove_reader(sock.fileno())
-        fast.set_peer(str(peer[0]), int(peer[1]))
+        fast.set_peer(peer)
         self.fast = fast
         fast.start()
         log.info("datagram_fastpath_engaged", peer=_fmt(peer))
@@ -648,7 +649,7 @@ class DatagramLink:
             self.peer = addr
             self.sink.stats.connects += 1
             if self.fast is not None:
-                self.fast.set_peer(str(addr[0]), int(addr[1]))
+                self.fast.set_peer(addr)
             self._probe_mtu(addr)
             if not self.channel.encrypted:
                 self._send_keepalive()  # tells a plain client it has been heard

@@ -62,10 +62,11 @@ class FastPath:
         on_message: a non-record message (handshake) arrived: ``(bytes, addr)``.
         on_closed: the stream ended or failed (errno, 0 for EOF).
         on_peer: datagram: an authenticated record came from a new address.
-        on_msgsize: datagram: the kernel refused a datagram as too big.
+        on_msgsize: datagram: the kernel refused a datagram as too big (or a GSO send).
         sampler: per-flow statistics sink (frame heads, sampled natively).
         bundle_limit: payload bytes per bundle record.
         chunk: datagram: record bytes per piece (0: never split).
+        gso: datagram: send runs of pieces with ``UDP_SEGMENT`` (falls back by itself if refused).
     """
 
     def __init__(
@@ -84,18 +85,20 @@ class FastPath:
         sampler: FlowSampler | None = None,
         bundle_limit: int = 32 * 1024,
         chunk: int = 0,
+        gso: bool = True,
     ) -> None:
         if _fastpath is None:
             raise RuntimeError("the native fast path is not built")
         self.channel = channel
         self.stats = stats
-        self._pump: Any = _fastpath.Pump(tap_fd, sock_fd, stream, vnet, bundle_limit, chunk, sampler is not None)
+        self._pump: Any = _fastpath.Pump(tap_fd, sock_fd, stream, vnet, bundle_limit, chunk, sampler is not None, gso)
         self._on_message = on_message
         self._on_closed = on_closed
         self._on_peer = on_peer
         self._on_msgsize = on_msgsize
         self._sampler = sampler
         self._seen: dict[str, int] = {}
+        self._session_seen: dict[int, tuple[int, int, int, int, int]] = {}
         self._merge_lock = threading.Lock()  # status may be read from another thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self.running = False
@@ -138,9 +141,9 @@ class FastPath:
         """An empty record under the current session."""
         return bool(self._pump.send_keepalive())
 
-    def set_peer(self, host: str, port: int) -> None:
-        """Datagram: where records go."""
-        self._pump.set_peer(host, port)
+    def set_peer(self, addr: Address) -> None:
+        """Datagram: where records go (a socket address tuple, IPv6 scope included)."""
+        self._pump.set_peer(str(addr[0]), int(addr[1]), *(int(v) for v in addr[2:4]))
 
     def set_chunk(self, chunk: int) -> None:
         """Datagram: record bytes per piece after a path MTU change."""
@@ -152,7 +155,13 @@ class FastPath:
 
     def tick(self) -> None:
         """Merge counters into the channel (rekey decisions) and the tunnel stats; feed flow samples."""
-        self.channel.absorb_counters(self._pump.session_counters())
+        now: dict[int, tuple[int, int, int, int, int]] = self._pump.session_counters()
+        deltas: dict[int, tuple[int, int, int, int, int]] = {}
+        for idx, (counter, rs, bs, rr, br) in now.items():
+            _, rs0, bs0, rr0, br0 = self._session_seen.get(idx, (0, 0, 0, 0, 0))
+            deltas[idx] = (counter, rs - rs0, bs - bs0, rr - rr0, br - br0)
+        self._session_seen = now
+        self.channel.absorb_counters(deltas)
         self.merge_stats()
         self.flush_flows()
 
@@ -186,15 +195,23 @@ class FastPath:
     # -- events --------------------------------------------------------------------
 
     def _drain(self) -> None:
-        for kind, value, data, addr in self._pump.take():
-            if kind == _fastpath.EV_MESSAGE:
-                self._on_message(data, addr)
-            elif kind == _fastpath.EV_ROTATED:
-                self.channel.promote(value)
-                self.sync()
-            elif kind == _fastpath.EV_CLOSED:
-                self._on_closed(int(value))
-            elif kind == _fastpath.EV_PEER and self._on_peer is not None:
-                self._on_peer(addr)
-            elif kind == _fastpath.EV_MSGSIZE and self._on_msgsize is not None:
-                self._on_msgsize()
+        for event in self._pump.take():
+            try:
+                self._dispatch(*event)
+            except Exception:  # one bad handler must not lose the events behind it
+                log.exception("fastpath_event_failed", kind=event[0])
+
+    def _dispatch(self, kind: int, value: int, data: bytes, addr: Address) -> None:
+        if kind == _fastpath.EV_MESSAGE:
+            self._on_message(data, addr)
+        elif kind == _fastpath.EV_ROTATED:
+            self.channel.promote(value)
+            self.sync()
+        elif kind == _fastpath.EV_CLOSED:
+            self._on_closed(int(value))
+        elif kind == _fastpath.EV_PEER and self._on_peer is not None:
+            self._on_peer(addr)
+        elif kind == _fastpath.EV_MSGSIZE and self._on_msgsize is not None:
+            self._on_msgsize()
+        elif kind == _fastpath.EV_DEVICE:
+            log.error("device_read_failed", error=os.strerror(int(value)), path="native")

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 class FrameSink(Protocol):
     """The tunnel side of a link."""
 
-    stats: TunnelStats
+    @property
+    def stats(self) -> TunnelStats:
+        """The tunnel's counters."""
 
     def deliver(self, payload: memoryview, flags: int) -> None:
         """Write one opened payload to the device (empty payload = keepalive)."""
@@ -46,6 +48,7 @@ class FrameSink(Protocol):
         on_peer: Callable[[Any], None] | None = None,
         on_msgsize: Callable[[], None] | None = None,
         chunk: int = 0,
+        gso: bool = True,
     ) -> FastPath | None:
         """A native forwarding thread for the device and ``sock_fd`` (``None``: not available)."""
 

@@ -335,13 +335,19 @@ class SecureChannel:
             self._rotate(s)
 
     def absorb_counters(self, counters: dict[int, tuple[int, int, int, int, int]]) -> None:
-        """Take the fast path's per-session counters (they drive rekeying)."""
+        """Take what the fast path did per session: its send counter, and records/bytes *since the last call*.
+
+        They drive rekeying (``rekey_after_bytes``/``records``, the counter limit).
+        """
         for idx, (next_counter, rs, bs, rr, br) in counters.items():
             s = self._by_index.get(idx)
             if s is not None:
                 s.next_counter = max(s.next_counter, next_counter)
                 c = s.counters
-                c.records_sent, c.bytes_sent, c.records_received, c.bytes_received = rs, bs, rr, br
+                c.records_sent += rs
+                c.bytes_sent += bs
+                c.records_received += rr
+                c.bytes_received += br
 
     # -- timers --------------------------------------------------------------
 

@@ -229,10 +229,14 @@ class _StreamLink:
         self.fast = self.fast_conn = None
         fast.stop()
         self.sink.fast_path_ended()
-        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
-            conn.transport.resume_reading()
+        # The connection is not read again: the native ring may hold part of a record, so
+        # every caller aborts it (the client reconnects, the server waits for the peer).
+        if conn is not None:
+            conn.abort()
 
     def _fast_message(self, conn: _Conn, msg: bytes) -> None:
+        if self.fast_conn is not conn:  # queued on a connection that is gone
+            return
         if msg and msg[0] in _HANDSHAKE:
             self.on_handshake(conn, msg)
             if self.fast is not None:

@@ -333,6 +333,7 @@ class Tunnel:
         on_peer: Callable[[Address], None] | None = None,
         on_msgsize: Callable[[], None] | None = None,
         chunk: int = 0,
+        gso: bool = True,
     ) -> FastPath | None:
         """Hand the TAP and ``sock_fd`` to a native forwarding thread (the link starts it).
 
@@ -365,6 +366,7 @@ class Tunnel:
             sampler=self.flow_sampler,
             bundle_limit=self._bundle_limit,
             chunk=chunk,
+            gso=gso,
         )
         return self.fast
 

@@ -7,6 +7,7 @@ every exchange is the Python implementation (:mod:`vna_agent.dataplane.record`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -333,5 +334,171 @@ def test_datagram_handshakes_surface_with_their_address() -> None:
         msg = bytes([MsgType.RESPONSE]) + os.urandom(91)
         r.peer.sendto(msg, r.link_pump.getsockname())
         assert _wait(r.pump.take) == [(_fastpath.EV_MESSAGE, 0, msg, r.peer.getsockname())]
+    finally:
+        r.close()
+
+
+# -- review findings: no blocking under the lock, bounded events, safe construction ---------------------
+
+
+def _pair_of_pumps(bufsize: int) -> tuple[Any, Any, list[socket.socket]]:
+    """Two stream pumps wired back to back over a socketpair with tiny buffers; returns (a, b, sockets)."""
+    a_native, b_native = _sessions()
+    tap_a, tap_a_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap_b, tap_b_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link_a, link_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (link_a, link_b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+    for s in (tap_a, tap_a_peer, tap_b, tap_b_peer):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    pa = _fastpath.Pump(tap_a.fileno(), link_a.fileno(), True, False)
+    pb = _fastpath.Pump(tap_b.fileno(), link_b.fileno(), True, False)
+    pa.set_sessions([_row(a_native)])
+    pb.set_sessions([_row(b_native)])
+    return pa, pb, [tap_a, tap_a_peer, tap_b, tap_b_peer, link_a, link_b]
+
+
+@needs_native
+def test_both_directions_at_full_load_never_deadlock() -> None:
+    """Each pump keeps reading its socket while its own output waits for room (the other is doing the same)."""
+    pa, pb, socks = _pair_of_pumps(4096)
+    _, tap_a_peer, _, tap_b_peer, *_ = socks
+    frames = [i.to_bytes(4, "big") * 350 for i in range(3000)]
+    got: dict[str, list[bytes]] = {"a": [], "b": []}
+
+    def blast(sock: socket.socket) -> None:
+        for f in frames:
+            sock.send(f)
+
+    def drain(sock: socket.socket, key: str) -> None:
+        sock.settimeout(10)
+        while len(got[key]) < len(frames):
+            got[key].append(sock.recv(4096))
+
+    import threading
+
+    try:
+        pa.start()
+        pb.start()
+        workers = [
+            threading.Thread(target=blast, args=(tap_a_peer,)),
+            threading.Thread(target=blast, args=(tap_b_peer,)),
+            threading.Thread(target=drain, args=(tap_a_peer, "a")),
+            threading.Thread(target=drain, args=(tap_b_peer, "b")),
+        ]
+        for w in workers:
+            w.start()
+        t0 = time.monotonic()
+        while any(w.is_alive() for w in workers) and time.monotonic() - t0 < 20:
+            pa.stats(), pb.session_counters()  # the GIL and the lock stay free while output waits
+            time.sleep(0.01)
+        for w in workers:
+            w.join(1)
+        assert got["a"] == frames and got["b"] == frames
+    finally:
+        pa.stop()
+        pb.stop()
+        for s in socks:
+            s.close()
+
+
+@needs_native
+def test_output_waiting_for_room_blocks_nothing_and_resumes_in_order(rig: Rig) -> None:
+    rig.link_pump.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rig.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    rig.pump.start()
+    rig.tap.setblocking(False)
+    frames: list[bytes] = []
+    with contextlib.suppress(BlockingIOError):  # back-pressure: the pump stops reading the TAP
+        for i in range(2000):
+            rig.tap.send(bytes([i % 256]) * 1400)
+            frames.append(bytes([i % 256]) * 1400)
+    rig.tap.settimeout(3)
+    assert _wait(lambda: rig.pump.stats()["output_blocked"])  # the peer reads nothing yet
+    t0 = time.monotonic()
+    assert rig.pump.send_message(bytes([MsgType.INITIATION]) + bytes(147))  # queued behind the records
+    rig.pump.set_sessions([_row(rig.native)])
+    assert time.monotonic() - t0 < 0.5
+    opened: list[bytes] = []
+    handshake_after = None
+    while len(opened) < len(frames) or handshake_after is None:
+        msg = rig.recv_message()
+        if msg[0] == MsgType.INITIATION:
+            handshake_after = len(opened)  # behind every record sealed before it was queued
+            continue
+        payload, flags = _open(rig.python, msg)
+        opened += _frames_of(payload, flags)
+    assert opened == frames and handshake_after > 0
+    _wait(lambda: not rig.pump.stats()["output_blocked"])
+
+
+@needs_native
+def test_only_a_few_handshake_messages_are_queued_and_noise_is_counted(rig: Rig) -> None:
+    rig.pump.start()
+    for _ in range(50):
+        noise = bytes([9]) + os.urandom(100)
+        rig.peer.sendall(STREAM_LEN.pack(len(noise)) + noise)
+    for _ in range(100):
+        hs_msg = bytes([MsgType.INITIATION]) + os.urandom(147)
+        rig.peer.sendall(STREAM_LEN.pack(len(hs_msg)) + hs_msg)
+    assert _wait(lambda: rig.pump.stats()["drops"]["decode"] == 50 + 36)
+    events = rig.pump.take()
+    assert len(events) == 64 and all(e[0] == _fastpath.EV_MESSAGE for e in events)
+
+
+@needs_native
+def test_a_failed_device_is_reported_once_not_spun_on(rig: Rig) -> None:
+    rig.pump.start()
+    rig.tap.close()  # the far end of the "TAP" is gone: reads return end of file
+    kind, *_ = _wait(rig.pump.take)[0]
+    assert kind == _fastpath.EV_DEVICE
+    time.sleep(0.2)
+    assert rig.pump.take() == [] and rig.pump.stats()["drops"]["device"] == 1
+
+
+@needs_native
+def test_construction_errors_leave_other_descriptors_alone() -> None:
+    for bad in ((-1, 0, True, False), ("x", 1, True, False), (0, 1, True, False, 10)):
+        with pytest.raises((TypeError, ValueError)):
+            _fastpath.Pump(*bad)
+    os.fstat(0)  # a failed Pump must not have closed stdin (or whatever holds fd 0)
+    blank = _fastpath.Pump.__new__(_fastpath.Pump)
+    with pytest.raises(RuntimeError, match="init"):
+        blank.take()
+    r = Rig()
+    try:
+        with pytest.raises(RuntimeError, match="once"):
+            r.pump.__init__(r.tap_pump.fileno(), r.link_pump.fileno(), True, False)
+    finally:
+        r.close()
+
+
+@needs_native
+def test_a_promotion_survives_a_stale_session_table(rig: Rig) -> None:
+    """Python re-installs its table before it has heard of the promotion: the pump keeps sealing under next."""
+    rig.pump.start()
+    nxt_native, nxt_python = _sessions(55, 66)
+    rows = [_row(rig.native), _row(nxt_native, kind=1)]
+    rig.pump.set_sessions(rows)
+    rig.send_record(_seal(nxt_python, b"confirms next"))
+    assert rig.tap.recv(1 << 17) == b"confirms next"
+    rig.pump.set_sessions(rows)  # stale: still says next is kind 1
+    rig.tap.send(b"under next")
+    assert _open(nxt_python, rig.recv_message())[0] == b"under next"
+
+
+@needs_native
+def test_datagram_falls_back_to_single_pieces_when_gso_is_refused() -> None:
+    r = Rig(stream=False, chunk=1000)
+    try:
+        r.link_pump.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK: the kernel refuses UDP_SEGMENT sends
+        r.pump.start()
+        big = os.urandom(20000)
+        r.tap.send(big)
+        assert _open(r.python, _reassemble(r.peer))[0] == big
+        assert r.pump.stats()["gso"] == 0
+        assert (_fastpath.EV_MSGSIZE, 22, b"", None) in _wait(r.pump.take)  # EINVAL: Python re-reads the path MTU
     finally:
         r.close()
