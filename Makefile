@@ -33,7 +33,8 @@ lint: setup
 bench: bench-events bench-overlay
 
 bench-overlay: setup
-	$(BIN)/python -m bench.bench_overlay --repeat 3 --duration 5 --out docs/benchmarks.md
+	$(BIN)/python -m bench.bench_overlay --repeat 3 --duration 5 \
+	  --providers plain,vxlan,openvpn,tinc,stream,datagram,stream-py,datagram-py --out docs/benchmarks.md
 
 bench-events: setup
 	$(BIN)/python -m bench.bench_events --events 100000 --repeat 3 --out docs/benchmarks.md

@@ -17,7 +17,7 @@ tunnels without TAP offload, frame by frame as OpenVPN and tinc work; ``stream-p
 the native fast path changes.
 
 Each block measures iperf3 TCP single stream, TCP ``-P 4``, UDP ``-u -b 2G -l 1400`` (received
-rate and loss), with 20 pings at 0.05 s before each test; the tunnel daemons' CPU seconds per
+rate and loss), with 50 pings at 0.05 s before each test and after the last; the tunnel daemons' CPU seconds per
 Gbit (``/proc/<pid>/stat``) and peak RSS (``VmHWM``). Repeats run the providers in rotating
 order; the report gives medians (min…max), ratios to OpenVPN of the same repeat and the idle RTT
 each overlay adds to the plain path.
@@ -81,7 +81,7 @@ class BenchConfig:
     parallel: int = 4
     udp_rate: str = "2G"
     udp_len: int = 1400
-    pings: int = 20
+    pings: int = 50
     ping_interval: float = 0.05
     out: Path | None = None
     results_dir: Path | None = RESULTS
@@ -309,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="streams of the multi-stream TCP test (default 4)")
     p.add_argument("--udp-rate", default="2G", help="iperf3 -b of the UDP test (default 2G)")
     p.add_argument("--udp-len", type=int, default=1400, help="iperf3 -l of the UDP test (default 1400)")
-    p.add_argument("--pings", type=int, default=20, help="echoes per RTT burst (default 20)")
+    p.add_argument("--pings", type=int, default=50, help="echoes per RTT burst (default 50)")
     p.add_argument("--ping-interval", type=float, default=0.05, help="seconds between echoes (default 0.05)")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where overlay-<timestamp>.json goes")
     p.add_argument("--prefix", default=None, help="lab prefix (default random)")

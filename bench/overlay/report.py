@@ -108,6 +108,13 @@ def summarise(records: list[dict[str, Any]], providers: Sequence[str]) -> dict[s
                 if mine is not None and ref:
                     vals.append(mine / ref)
             ratios[name] = stat(vals)
+        added_vs = []  # the idle RTT this path adds over the plain path, relative to what OpenVPN adds
+        for rnd, rec in rounds.items():
+            plain, ovpn = by_round.get(PLAIN, {}).get(rnd), by_round.get(BASELINE, {}).get(rnd)
+            mine, base, ref = _rtt(rec), _rtt(plain) if plain else None, _rtt(ovpn) if ovpn else None
+            if mine is not None and base is not None and ref is not None and ref > base:
+                added_vs.append((mine - base) / (ref - base))
+        ratios["added_rtt"] = stat(added_vs)
         entry["vs_openvpn"] = ratios
         out[p] = entry
     return out
@@ -126,6 +133,7 @@ def headline(summary: dict[str, Any]) -> dict[str, float | None]:
     for p in ("stream", "datagram"):
         out[f"{p}/openvpn tcp1"] = med(p, "vs_openvpn", "tcp1_gbps")
         out[f"{p}/openvpn udp"] = med(p, "vs_openvpn", "udp_gbps")
+        out[f"{p}/openvpn added rtt"] = med(p, "vs_openvpn", "added_rtt")
     for p in summary:
         if p != PLAIN:
             out[f"added idle rtt ms {p}"] = med(p, "added_rtt_ms")
@@ -155,7 +163,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Run {result['started']} with `{result['command']}`: {cfg['repeat']} repeat(s), "
         f"{cfg['duration']:g} s per iperf3 test, providers one at a time in rotating order; "
-        f"{cfg['pings']} pings every {cfg['ping_interval']:g} s before each iperf3 test. "
+        f"{cfg['pings']} pings every {cfg['ping_interval']:g} s before each iperf3 test and after the last. "
         f"Raw results: `{result['raw']}`.",
         "",
         f"Machine: {m['nproc']} x {m['cpu_model']}, {m.get('mem_total_mib')} MiB, Linux {m['kernel']}; "
@@ -196,15 +204,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Median (min…max) over the repeats. Ratios to OpenVPN, computed per repeat (same round) then the median:",
         "",
-        f"| path | TCP 1 stream | TCP x{cfg['parallel']} | UDP received |",
-        "|---|---|---|---|",
+        f"| path | TCP 1 stream | TCP x{cfg['parallel']} | UDP received "
+        "| added idle RTT (below 1: less than OpenVPN adds) |",
+        "|---|---|---|---|---|",
     ]
     for key, s in summary.items():
         if key in (BASELINE, PLAIN) or not s["ok"]:
             continue
         r = s["vs_openvpn"]
         lines.append(
-            f"| {labels.get(key, key)} | {_fmt(r['tcp1_gbps'])} | {_fmt(r['tcpN_gbps'])} | {_fmt(r['udp_gbps'])} |"
+            f"| {labels.get(key, key)} | {_fmt(r['tcp1_gbps'])} | {_fmt(r['tcpN_gbps'])} | {_fmt(r['udp_gbps'])} "
+            f"| {_fmt(r.get('added_rtt'))} |"
         )
     lines += [
         "",
