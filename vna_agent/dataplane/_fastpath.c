@@ -132,6 +132,8 @@ typedef struct {
     PyObject_HEAD
     int tap, sock, stream, vnet, efd, cfd, ep;
     int running, closed, initialised, gso, out_blocked, tap_failed, msgsize_pending;
+    unsigned lost_control; /* control events whose malloc failed: bit per kind, re-made by take() */
+    long long lost_value[8];
     pthread_t thread;
     pthread_mutex_t lock; /* everything below; never held while blocking */
     Slot slots[SLOTS];
@@ -183,7 +185,19 @@ static void push_event(Pump *p, int kind, long long value, const void *data, siz
         p->msgsize_pending = 1;
     }
     Event *e = malloc(sizeof(Event) + len);
-    if (!e) return;
+    if (!e) {
+        if (kind == EV_MESSAGE) {
+            p->ev_messages--;
+            p->drops[D_DECODE]++;
+        } else { /* never lose CLOSED/ROTATED/...: take() re-makes it (PEER: Python re-learns on the next) */
+            p->lost_control |= 1u << kind;
+            p->lost_value[kind] = value;
+        }
+        uint64_t one = 1;
+        ssize_t w = write(p->efd, &one, 8);
+        (void)w;
+        return;
+    }
     e->next = NULL;
     e->kind = kind;
     e->value = value;
@@ -301,11 +315,11 @@ static void nonce_of(unsigned char *n, uint64_t c) {
 }
 
 /* Seal payload into out (HDR + ciphertext + TAG); returns the record length, 0 on drop. */
-static size_t seal(Pump *p, const unsigned char *payload, size_t n, int flags, unsigned char *out) {
-    if (p->tx < 0) { p->drops[D_NO_SESSION]++; return 0; }
+static size_t seal(Pump *p, const unsigned char *payload, size_t n, int flags, unsigned char *out, unsigned frames) {
+    if (p->tx < 0) { p->drops[D_NO_SESSION] += frames; return 0; }
     Slot *s = &p->slots[p->tx];
-    if (n > MAX_PAYLOAD) { p->drops[D_TOO_BIG]++; return 0; }
-    if (s->next_counter >= s->limit) { p->drops[D_NONCE]++; return 0; }
+    if (n > MAX_PAYLOAD) { p->drops[D_TOO_BIG] += frames; return 0; }
+    if (s->next_counter >= s->limit) { p->drops[D_NONCE] += frames; return 0; }
     uint64_t c = s->next_counter++;
     out[0] = T_DATA;
     out[1] = (unsigned char)flags;
@@ -496,14 +510,14 @@ static int send_payload(Pump *p, const unsigned char *payload, size_t n, int fla
             p->drops[D_QUEUE_FULL] += count;
             return 0;
         }
-        size_t r = seal(p, payload, n, flags, p->obuf + p->opos + 4);
+        size_t r = seal(p, payload, n, flags, p->obuf + p->opos + 4, count);
         if (!r) return 0;
         put32(p->obuf + p->opos, (uint32_t)r);
         p->opos += 4 + r;
         if (p->opos - p->ostart >= FLUSH_AT && !p->out_blocked) stream_flush(p);
     } else {
         unsigned char *rec = p->obuf;
-        size_t r = seal(p, payload, n, flags, rec);
+        size_t r = seal(p, payload, n, flags, rec, count);
         if (!r) return 0;
         dgram_record(p, rec, r, count);
     }
@@ -817,20 +831,23 @@ static void *run(void *arg) {
                 on_udp(p);
             }
         }
+        int done = p->closed && p->stream;
         pthread_mutex_unlock(&p->lock);
-        if (stop) break;
-        if (p->closed && p->stream) break;
+        if (stop || done) break;
     }
     return NULL;
 }
 
 /* -- Python type ------------------------------------------------------------------------ */
 
-#define LOCK_NOGIL(p)                                                                                                  \
-    do {                                                                                                               \
-        Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&(p)->lock);                                                         \
-        Py_END_ALLOW_THREADS                                                                                           \
-    } while (0)
+/* The pump lock, taken and released with the GIL released all along: never wait for the GIL while
+ * the forwarding thread may be waiting for the lock. Nothing between the two touches Python. */
+#define NOGIL_LOCK(p, ts)                                                                                               \
+    PyThreadState *ts = PyEval_SaveThread();                                                                           \
+    pthread_mutex_lock(&(p)->lock)
+#define NOGIL_UNLOCK(p, ts)                                                                                             \
+    pthread_mutex_unlock(&(p)->lock);                                                                                  \
+    PyEval_RestoreThread(ts)
 
 static void free_slot(Slot *s) {
     if (s->send) EVP_CIPHER_CTX_free(s->send);
@@ -854,7 +871,7 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
     static char *names[] = {"tap_fd", "sock_fd", "stream", "vnet", "bundle_limit", "chunk", "flows", "gso", NULL};
     Py_ssize_t bundle = 32 * 1024, chunk = 0;
     int flows = 0, gso = 1, tap, sock, stream, vnet;
-    if (p->initialised) {
+    if (p->initialised || p->rbuf || p->efd >= 0) { /* also after a failed attempt: its buffers are ours */
         PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
     }
@@ -978,9 +995,9 @@ static PyObject *Pump_start(Pump *p, PyObject *unused) {
 static PyObject *Pump_stop(Pump *p, PyObject *unused) {
     if (check_ready(p) < 0) return NULL;
     stop_thread(p);
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     if (p->stream && !p->closed) stream_flush(p); /* best effort, never waits */
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     Py_RETURN_NONE;
 }
 
@@ -1083,9 +1100,9 @@ static PyObject *Pump_set_sessions(Pump *p, PyObject *arg) {
         if (kind == 0) tx = (int)i;
     }
     Py_DECREF(seq);
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     install_sessions(p, fresh, tx);
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     Py_RETURN_NONE;
 fail:
     Py_DECREF(seq);
@@ -1096,9 +1113,9 @@ fail:
 static PyObject *Pump_session_counters(Pump *p, PyObject *unused) {
     if (check_ready(p) < 0) return NULL;
     Slot copy[SLOTS];
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     memcpy(copy, p->slots, sizeof copy);
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     for (int i = 0; i < SLOTS; i++) {
@@ -1142,12 +1159,16 @@ static PyObject *Pump_take(Pump *p, PyObject *unused) {
     uint64_t junk;
     ssize_t r = read(p->efd, &junk, 8);
     (void)r;
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     Event *e = p->ev_head;
+    unsigned lost = p->lost_control;
+    long long lost_value[8];
+    memcpy(lost_value, p->lost_value, sizeof lost_value);
+    p->lost_control = 0;
     p->ev_head = p->ev_tail = NULL;
     p->ev_messages = 0;
     p->msgsize_pending = 0;
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     PyObject *out = PyList_New(0);
     while (e) {
         Event *n = e->next;
@@ -1161,13 +1182,19 @@ static PyObject *Pump_take(Pump *p, PyObject *unused) {
         free(e);
         e = n;
     }
+    for (int kind = EV_ROTATED; out && kind <= EV_DEVICE; kind++) {
+        if (!(lost & (1u << kind)) || kind == EV_PEER) continue;
+        PyObject *t = Py_BuildValue("(iLy#O)", kind, lost_value[kind], "", (Py_ssize_t)0, Py_None);
+        if (!t || PyList_Append(out, t) < 0) Py_CLEAR(out);
+        Py_XDECREF(t);
+    }
     return out;
 }
 
 static PyObject *Pump_flows(Pump *p, PyObject *unused) {
     if (check_ready(p) < 0) return NULL;
     if (!p->flows) return PyList_New(0);
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     size_t n = p->flow_len, head = p->flow_head;
     FlowRec *copy = n ? malloc(n * sizeof(FlowRec)) : NULL;
     if (copy) {
@@ -1175,7 +1202,7 @@ static PyObject *Pump_flows(Pump *p, PyObject *unused) {
         p->flow_len = 0;
         p->flow_head = 0;
     }
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     if (n && !copy) return PyErr_NoMemory();
     PyObject *out = PyList_New(0);
     for (size_t i = 0; out && i < n; i++) {
@@ -1194,7 +1221,7 @@ static PyObject *Pump_stats(Pump *p, PyObject *unused) {
     double last_rx, last_tx;
     int closed, gso, out_blocked;
     unsigned long long flow_lost;
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     unsigned long long src[8] = {p->records_out, p->bytes_out, p->frames_out, p->records_in,
                                  p->bytes_in, p->frames_in, p->keepalives_in, p->keepalives_out};
     memcpy(c, src, sizeof c);
@@ -1205,7 +1232,7 @@ static PyObject *Pump_stats(Pump *p, PyObject *unused) {
     gso = p->gso;
     out_blocked = p->out_blocked;
     flow_lost = p->flow_lost;
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     PyObject *dd = PyDict_New();
     for (int i = 0; dd && i < D_COUNT; i++) {
         PyObject *v = PyLong_FromUnsignedLongLong(drops[i]);
@@ -1288,10 +1315,10 @@ static PyObject *Pump_set_peer(Pump *p, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "peer host must be an IP address");
         return NULL;
     }
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     memcpy(&p->peer, &a, sizeof a);
     p->peerlen = len;
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     Py_RETURN_NONE;
 }
 
@@ -1303,9 +1330,9 @@ static PyObject *Pump_set_chunk(Pump *p, PyObject *arg) {
         PyErr_SetString(PyExc_ValueError, "chunk out of range");
         return NULL;
     }
-    LOCK_NOGIL(p);
+    NOGIL_LOCK(p, ts);
     p->chunk = (size_t)c;
-    pthread_mutex_unlock(&p->lock);
+    NOGIL_UNLOCK(p, ts);
     Py_RETURN_NONE;
 }
 

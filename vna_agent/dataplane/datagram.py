@@ -281,10 +281,10 @@ class DatagramLink:
         fast = self.sink.fast_path(
             sock.fileno(),
             stream=False,
-            on_message=lambda msg, addr: self._on_datagram(memoryview(msg), addr),
+            on_message=self._fast_message,
             on_closed=lambda err: None,
             on_peer=self._fast_peer,
-            on_msgsize=self._refresh_mtu,
+            on_msgsize=self._fast_msgsize,
             chunk=self._chunk,
             gso=self.gso,
         )
@@ -306,6 +306,16 @@ class DatagramLink:
         self.sink.fast_path_ended()
         if self.sock is not None:
             asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    def _fast_message(self, msg: bytes, addr: Address) -> None:
+        self._last_rx = time.monotonic()  # as on the Python path: any datagram shows the peer is alive
+        self._on_datagram(memoryview(msg), addr)
+
+    def _fast_msgsize(self) -> None:
+        if self.initiator:
+            self._refresh_mtu()
+        elif self.peer is not None:  # an unconnected responder socket cannot tell its path MTU
+            self._probe_mtu(self.peer)
 
     def _fast_peer(self, addr: Address) -> None:
         if not self.initiator:

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from .session import SecureChannel
-from .stats import Direction, FlowSampler, TunnelStats
+from .stats import STATS_LOCK, Direction, FlowSampler, TunnelStats
 
 log = structlog.get_logger("vna_agent.dataplane.fastpath")
 
@@ -168,10 +168,14 @@ class FastPath:
     def merge_stats(self) -> None:
         """Add what the native counters gained since the last merge to the tunnel stats."""
         with self._merge_lock:
-            self._merge(self._pump.stats())
+            st = self._pump.stats()
+            with STATS_LOCK:
+                self._merge(st)
 
     def _merge(self, st: dict[str, Any]) -> None:
+        """(STATS_LOCK held.)"""
         stats = self.stats
+        drops = stats.drops
         for name in (*_COUNTERS, *_COUNTERS_KA):
             value = int(st[name])
             delta = value - self._seen.get(name, 0)
@@ -182,7 +186,7 @@ class FastPath:
             key = f"drop:{reason}"
             delta = int(value) - self._seen.get(key, 0)
             if delta:
-                stats.drop(reason, delta)
+                drops[reason] = drops.get(reason, 0) + delta
                 self._seen[key] = int(value)
 
     def flush_flows(self) -> None:

@@ -11,6 +11,7 @@ test per frame); :func:`parse_frame` extracts MACs, IPs and segment count.
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class TunnelState(StrEnum):
     FAILED = "failed"
 
 
+#: Serialises read-modify-writes of ``TunnelStats.drops`` (see :meth:`TunnelStats.drop`).
+STATS_LOCK = threading.Lock()
+
+
 @dataclass(slots=True)
 class TunnelStats:
     """Counters of one tunnel endpoint (monotonic, never reset while running)."""
@@ -98,7 +103,8 @@ class TunnelStats:
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped frames/records under ``reason``."""
-        self.drops[reason] = self.drops.get(reason, 0) + n
+        with STATS_LOCK:  # the fast path's counters may be merged in from another thread
+            self.drops[reason] = self.drops.get(reason, 0) + n
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy."""

@@ -202,12 +202,14 @@ class _StreamLink:
         if self.fast is not None or conn is not self.conn or not isinstance(ch, SecureChannel):
             return
         t = conn.transport
-        if t is None or t.is_closing() or t.get_write_buffer_size() or not ch.session_table():
-            return  # the next handshake or tick tries again
+        if t is None or t.is_closing() or not ch.session_table():
+            return
+        self.flush()
+        if t.get_write_buffer_size():
+            return  # asyncio still holds bytes for this socket; the next handshake or tick tries again
         sock = t.get_extra_info("socket")
         if sock is None:
             return
-        self.flush()
         fast = self.sink.fast_path(
             sock.fileno(),
             stream=True,

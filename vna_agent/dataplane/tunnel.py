@@ -317,8 +317,9 @@ class Tunnel:
     @property
     def stats(self) -> TunnelStats:
         """The tunnel's counters (the fast path's native counters merged in)."""
-        if self.fast is not None:
-            self.fast.merge_stats()
+        fast = self.fast  # once: another thread may read status while the loop thread drops it
+        if fast is not None:
+            fast.merge_stats()
         return self._stats
 
     # -- native fast path ---------------------------------------------------------

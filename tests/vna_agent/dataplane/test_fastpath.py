@@ -502,3 +502,13 @@ def test_datagram_falls_back_to_single_pieces_when_gso_is_refused() -> None:
         assert (_fastpath.EV_MSGSIZE, 22, b"", None) in _wait(r.pump.take)  # EINVAL: Python re-reads the path MTU
     finally:
         r.close()
+
+
+@needs_native
+def test_frames_without_a_session_are_counted_per_frame(rig: Rig) -> None:
+    rig.pump.set_sessions([])  # keys gone (the link was reset): nothing may be sealed
+    for n in (60, 70, 80):
+        rig.tap.send(bytes(n))
+    rig.pump.start()
+    assert _wait(lambda: rig.pump.stats()["drops"]["no_session"]) == 3  # one bundle, three frames
+    assert rig.pump.stats()["records_out"] == 0
