@@ -25,7 +25,7 @@ from bus.connection import Bus
 from bus.errors import ErrorCode, NoResponders
 from bus.server import EmbeddedNatsServer
 from bus.subjects import Header
-from manager.saga import SagaStatus, SagaView, fold
+from manager.saga import RetryPolicy, SagaStatus, SagaView, fold
 from manager.saga.service import ListSagas, SagaList, SagaRef, StartSaga
 from manager.saga.testing import Behaviour, Script, TestParticipant, chain_plan, read_effects
 from manager.store import JetStreamRecorder
@@ -131,9 +131,11 @@ async def wait_for_service(bus: Bus, timeout: float = WAIT_S) -> None:
                 await asyncio.sleep(0.05)
 
 
-async def start(bus: Bus, saga_id: str, *, fail_at: str | None = None, n: int = 5) -> None:
+async def start(
+    bus: Bus, saga_id: str, *, fail_at: str | None = None, n: int = 5, retry: RetryPolicy | None = None
+) -> None:
     behaviours = {fail_at: Behaviour(fail_always=ErrorCode.VALIDATION)} if fail_at else None
-    plan = chain_plan(saga_id, n, behaviours=behaviours, timeout_s=5.0)
+    plan = chain_plan(saga_id, n, behaviours=behaviours, timeout_s=5.0, retry=retry)
     await command(bus, "saga", "start", StartSaga(plan=plan), SagaView, identity=OPERATOR)
 
 
@@ -376,7 +378,9 @@ async def test_participant_process_killed_too(nats_server: EmbeddedNatsServer, b
     worker.start()
     try:
         await wait_for_service(bus)
-        await start(bus, "pk")
+        # Participant processes take seconds to start here; the default 5 attempts (0.5+1+2+4 s of
+        # backoff) were sometimes all spent before it answered, and the saga rightly compensated.
+        await start(bus, "pk", retry=RetryPolicy(max_attempts=12, initial_backoff_s=0.5, max_backoff_s=2.0))
         await watcher.wait_for("step_started", "s2")
         part.send_signal(signal.SIGKILL)  # mid-step: its effect never happens, the coordinator retries
         part.wait()
