@@ -529,11 +529,7 @@ class DatagramLink:
         p = parts.get(key)
         run_mask = ((1 << n) - 1) << idx0
         if p is None:
-            if len(parts) >= MAX_PARTIALS:
-                self._pool.append(parts.pop(next(iter(parts))).buf)
-                self.sink.stats.drop(DropReason.INCOMPLETE)
-            p = _Partial(self._pool.pop() if self._pool else bytearray(MAX_RECORD), count)
-            parts[key] = p
+            p = self._new_partial(key, count)
         elif p.count != count or p.mask & run_mask:
             return False
         end = off0 + (n - 1) * chunk + nbytes - last - _PH
@@ -552,12 +548,7 @@ class DatagramLink:
         p.got += n
         if idx2 == count - 1:
             p.size = end
-        if p.got == count:
-            del parts[key]
-            try:
-                self._on_record(p.mv[: p.size], addr)
-            finally:
-                self._pool.append(p.buf)
+        self._maybe_complete(key, p, addr)
         return True
 
     def _on_datagram(self, dg: memoryview, addr: Address) -> None:
@@ -600,12 +591,7 @@ class DatagramLink:
         parts = self._partials
         p = parts.get(key)
         if p is None:
-            if len(parts) >= MAX_PARTIALS:
-                oldest = next(iter(parts))
-                self._pool.append(parts.pop(oldest).buf)
-                st.drop(DropReason.INCOMPLETE)
-            p = _Partial(self._pool.pop() if self._pool else bytearray(MAX_RECORD), count)
-            parts[key] = p
+            p = self._new_partial(key, count)
         elif p.count != count:
             st.drop(DropReason.DECODE)
             return
@@ -617,8 +603,21 @@ class DatagramLink:
         p.buf[off:end] = dg[_PH:]
         if idx == count - 1:
             p.size = end
-        if p.got == count:
-            del parts[key]
+        self._maybe_complete(key, p, addr)
+
+    def _new_partial(self, key: tuple[int, int], count: int) -> _Partial:
+        """A partial record for ``key``; the oldest one is dropped (incomplete) when too many are open."""
+        parts = self._partials
+        if len(parts) >= MAX_PARTIALS:
+            self._pool.append(parts.pop(next(iter(parts))).buf)
+            self.sink.stats.drop(DropReason.INCOMPLETE)
+        p = parts[key] = _Partial(self._pool.pop() if self._pool else bytearray(MAX_RECORD), count)
+        return p
+
+    def _maybe_complete(self, key: tuple[int, int], p: _Partial, addr: Address) -> None:
+        """Open the record once every piece is in; its buffer goes back to the pool."""
+        if p.got == p.count:
+            del self._partials[key]
             try:
                 self._on_record(p.mv[: p.size], addr)
             finally:

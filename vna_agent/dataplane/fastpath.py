@@ -114,7 +114,7 @@ class FastPath:
         self._loop.add_reader(self._pump.event_fd, self._drain)
         self._pump.start()
         self.running = True
-        log.debug("fastpath_started", sessions=len(self.channel.session_table()))
+        log.debug("fastpath_started")
 
     def stop(self) -> None:
         """Stop the thread, deliver what it queued, merge its counters (idempotent)."""

@@ -167,5 +167,20 @@ class RecordSession:
         cs.bytes_received += n
         return out
 
+    def fastpath_row(self, kind: int) -> tuple[int, int, bytes, bytes, int, int, int, int, bytes]:
+        """This session for the native fast path (``SecureChannel.session_table`` explains ``kind``)."""
+        keys, w = self.keys, self.window
+        return (
+            self.local_index,
+            self.remote_index,
+            keys.send_key,
+            keys.recv_key,
+            self.next_counter,
+            self.limit,
+            kind,
+            w.top,
+            w.bits_bytes(),
+        )
+
     def age(self, now: float) -> float:
         return now - self.created

@@ -308,24 +308,7 @@ class SecureChannel:
         Kind 0 seals (current), 1 becomes current on its first received record
         (next), 2 only opens (previous).
         """
-        rows: list[SessionRow] = []
-        for s in self._by_index.values():
-            kind = 0 if s is self.current else 1 if s is self.next else 2
-            w = s.window
-            rows.append(
-                (
-                    s.local_index,
-                    s.remote_index,
-                    s.keys.send_key,
-                    s.keys.recv_key,
-                    s.next_counter,
-                    s.limit,
-                    kind,
-                    w.top,
-                    w.bits_bytes(),
-                )
-            )
-        return rows
+        return [s.fastpath_row(0 if s is self.current else 1 if s is self.next else 2) for s in self._by_index.values()]
 
     def promote(self, local_index: int) -> None:
         """The fast path received the first record under ``next``: it is current now."""

@@ -49,18 +49,7 @@ def _sessions(a: int = 11, b: int = 22) -> tuple[RecordSession, RecordSession]:
 
 
 def _row(s: RecordSession, kind: int = 0) -> tuple[Any, ...]:
-    w = s.window
-    return (
-        s.local_index,
-        s.remote_index,
-        s.keys.send_key,
-        s.keys.recv_key,
-        s.next_counter,
-        s.limit,
-        kind,
-        w.top,
-        w.bits_bytes(),
-    )
+    return s.fastpath_row(kind)
 
 
 def _seal(s: RecordSession, payload: bytes, flags: int = 0) -> bytes:
