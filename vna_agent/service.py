@@ -150,6 +150,11 @@ class VnaAgentService:
         try:
             await self.bus.js.publish(subject, codec.encode(model), headers={Header.SCHEMA.value: schema}, timeout=2.0)
         except Exception as exc:  # a publish lost to a bus outage must not kill the agent
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # nats-py turns a cancellation inside publish into an ordinary error; swallowing it
+                # here kept the flow/conflict loops alive and stop() waiting for them forever.
+                raise asyncio.CancelledError from exc
             log.warning("publish_failed", subject=subject, error=repr(exc))
 
     async def publish_flows_once(self) -> None:
