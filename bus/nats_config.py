@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.permissions import Role, role_permissions
+from bus.server import DEFAULT_SYNC_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def single_node(
     monitor_port: int = 8222,
     store_dir: str = "/var/lib/skyferry/nats",
     keys: dict[Role, str | Var] | None = None,
+    sync_interval: str = DEFAULT_SYNC_INTERVAL,
 ) -> dict[str, Any]:
     """Config of a single embedded-style node with JetStream."""
     return {
@@ -65,9 +67,15 @@ def single_node(
         "listen": f"0.0.0.0:{port}",
         "http_port": monitor_port,
         "max_payload": 8 * 1024 * 1024,
-        "jetstream": {"store_dir": store_dir, "max_file_store": 64 * 1024**3},
+        "jetstream": _jetstream(store_dir, sync_interval),
         "authorization": users_block(keys or {r: env_var(r) for r in Role}),
     }
+
+
+def _jetstream(store_dir: str, sync_interval: str) -> dict[str, Any]:
+    # "always": fsync before every ack, so an acknowledged event survives power loss (see
+    # docs/architecture.md, "Durability"); an operator may set a duration such as "2m" instead.
+    return {"store_dir": store_dir, "max_file_store": 64 * 1024**3, "sync_interval": sync_interval}
 
 
 def cluster_node(
@@ -80,6 +88,7 @@ def cluster_node(
     store_dir: str = "/var/lib/skyferry/nats",
     keys: dict[Role, str | Var] | None = None,
     host: str = "0.0.0.0",
+    sync_interval: str = DEFAULT_SYNC_INTERVAL,
 ) -> dict[str, Any]:
     """Config of node ``index`` (1-based) of a JetStream cluster over ``hosts`` (host or host:cport)."""
 
@@ -91,7 +100,7 @@ def cluster_node(
         "listen": f"{host}:{port}",
         "http_port": monitor_port,
         "max_payload": 8 * 1024 * 1024,
-        "jetstream": {"store_dir": store_dir, "max_file_store": 64 * 1024**3},
+        "jetstream": _jetstream(store_dir, sync_interval),
         "cluster": {
             "name": "skyferry",
             "listen": f"{host}:{cluster_port}",

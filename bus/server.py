@@ -27,6 +27,11 @@ from bus.permissions import Role, role_permissions
 
 log = structlog.get_logger(__name__)
 
+#: JetStream fsyncs before acknowledging each write: an acknowledged event survives power loss.
+#: nats-server's own default (2 minutes) can lose up to that much acknowledged data with the page
+#: cache; see docs/architecture.md, "Durability".
+DEFAULT_SYNC_INTERVAL = "always"
+
 
 def find_binary() -> str:
     """Path of the nats-server binary."""
@@ -72,6 +77,8 @@ class ServerConfig:
     users: list[NkeyUser] = field(default_factory=list)
     max_file_store: int = 8 * 1024**3
     max_memory_store: int = 512 * 1024**2
+    sync_interval: str = DEFAULT_SYNC_INTERVAL
+    """JetStream fsync policy: ``always`` (fsync before every ack) or a duration such as ``2m``."""
     cluster_name: str | None = None
     cluster_port: int | None = None
     routes: list[str] = field(default_factory=list)
@@ -87,6 +94,7 @@ class ServerConfig:
                 "store_dir": str(self.store_dir),
                 "max_file_store": self.max_file_store,
                 "max_memory_store": self.max_memory_store,
+                "sync_interval": self.sync_interval,
             },
         }
         if self.users:

@@ -22,7 +22,7 @@ import structlog
 from bus import signing
 from bus.connection import BusConfig
 from bus.permissions import Role
-from bus.server import EmbeddedNatsServer, NkeyUser, ServerConfig, free_port
+from bus.server import DEFAULT_SYNC_INTERVAL, EmbeddedNatsServer, NkeyUser, ServerConfig, free_port
 from manager.app import ManagerApp, ManagerConfig
 
 log = structlog.get_logger(__name__)
@@ -68,8 +68,16 @@ class StackInfo:
 class Stack:
     """Everything ``skyferry up`` runs, in one process."""
 
-    def __init__(self, state_dir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        sync_interval: str = DEFAULT_SYNC_INTERVAL,
+    ) -> None:
         self.state_dir = state_dir
+        self.sync_interval = sync_interval
         self.host = host
         self.port = port
         self.server: EmbeddedNatsServer | None = None
@@ -103,7 +111,13 @@ class Stack:
         port = self.port or (int(previous.url.rsplit(":", 1)[1]) if previous else free_port(self.host))
         users = [NkeyUser(signing.public_key_of(seeds[r.value]), r) for r in Role]
         self.server = EmbeddedNatsServer(
-            ServerConfig(host=self.host, port=port, store_dir=self.state_dir / "nats" / "js", users=users),
+            ServerConfig(
+                host=self.host,
+                port=port,
+                store_dir=self.state_dir / "nats" / "js",
+                users=users,
+                sync_interval=self.sync_interval,
+            ),
             log_file=self.state_dir / "nats-server.log",
         )
         await self.server.start()

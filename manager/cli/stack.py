@@ -17,6 +17,7 @@ import typer
 import manager
 from bus.errors import InvalidState
 from bus.models import ApplicationState
+from bus.server import DEFAULT_SYNC_INTERVAL
 from manager.cli.app import export_app, import_app, read_application_map, set_state
 from manager.cli.context import Settings, run, session
 from manager.cli.errors import CliError
@@ -69,6 +70,14 @@ def up(
     home: HomeOpt = None,
     port: Annotated[int | None, typer.Option("--port", min=1, max=65535, help="NATS client port.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    sync_interval: Annotated[
+        str,
+        typer.Option(
+            "--sync-interval",
+            help="JetStream fsync policy: 'always' (an acknowledged event survives power loss) or a "
+            "duration such as '2m' (faster; a power loss can lose that much acknowledged data).",
+        ),
+    ] = DEFAULT_SYNC_INTERVAL,
 ) -> None:
     """Run the embedded stack (nats-server + manager) in the foreground until Ctrl-C or SIGTERM."""
 
@@ -77,7 +86,7 @@ def up(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        stack = Stack(home or settings.home, host=host, port=port)
+        stack = Stack(home or settings.home, host=host, port=port, sync_interval=sync_interval)
         try:
             await stack.start()
             tune_gc()
