@@ -110,6 +110,10 @@ class BadRequest(RemoteError):
     code = ErrorCode.BAD_REQUEST
 
 
+class IdempotencyKeyReused(BadRequest):
+    """An idempotency key already took effect for a different command (never retryable)."""
+
+
 class UnknownCommand(RemoteError):
     code = ErrorCode.UNKNOWN_COMMAND
 

@@ -1,69 +1,32 @@
-"""Replies remembered by idempotency key, so a retried or re-run saga step has its effect once.
+"""Idempotency keys of commands: what a participant needs to have a keyed command's effect once.
 
-A request carrying ``Sf-Idempotency-Key`` (or an ``idempotency_key`` payload field)
-whose key already succeeded gets the stored reply instead of running again.
+A request carries its key in ``Sf-Idempotency-Key`` (or an ``idempotency_key`` payload
+field); :class:`BusService` hands it to the handler as :class:`RequestKey`, with a digest
+of the command so that a key reused for a different command is told apart.
+
+Replies are not cached here on purpose: a cache written after the effect is a second
+write, and a crash between the two loses the dedupe. Each participant keeps the key in
+the same atomic write as its effect (the manager: inside the event; see ``docs/sagas.md``,
+"Exactly once").
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
-from typing import Protocol
-
-import msgpack
-import nats.js.errors
-from nats.js.kv import KeyValue
-
-from bus.connection import Bus, open_kv
-
-IDEMPOTENCY_BUCKET = "SF_IDEMPOTENCY"
+import json
+from dataclasses import dataclass
+from typing import Any
 
 
-class IdempotencyStore(Protocol):
-    async def get(self, scope: str, key: str) -> tuple[bytes, dict[str, str]] | None: ...
+@dataclass(frozen=True)
+class RequestKey:
+    """A command's idempotency key and the digest of the command it was sent with."""
 
-    async def put(self, scope: str, key: str, body: bytes, headers: dict[str, str]) -> None: ...
-
-
-def _kv_key(scope: str, key: str) -> str:
-    return hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()[:48]
+    key: str
+    digest: str
 
 
-class MemoryIdempotencyStore:
-    """In-process store (tests, single-process participants)."""
-
-    def __init__(self, max_entries: int = 50_000) -> None:
-        self._data: OrderedDict[str, tuple[bytes, dict[str, str]]] = OrderedDict()
-        self._max = max_entries
-
-    async def get(self, scope: str, key: str) -> tuple[bytes, dict[str, str]] | None:
-        return self._data.get(_kv_key(scope, key))
-
-    async def put(self, scope: str, key: str, body: bytes, headers: dict[str, str]) -> None:
-        self._data[_kv_key(scope, key)] = (body, dict(headers))
-        while len(self._data) > self._max:
-            self._data.popitem(last=False)
-
-
-class KvIdempotencyStore:
-    """Shared by every instance of a service and kept across restarts (JetStream KV with a TTL)."""
-
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
-
-    @classmethod
-    async def open(cls, bus: Bus, *, ttl_s: float = 7 * 86_400) -> KvIdempotencyStore:
-        return cls(await open_kv(bus, IDEMPOTENCY_BUCKET, ttl_s=ttl_s))
-
-    async def get(self, scope: str, key: str) -> tuple[bytes, dict[str, str]] | None:
-        try:
-            entry = await self._kv.get(_kv_key(scope, key))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if not entry.value:
-            return None
-        body, headers = msgpack.unpackb(entry.value, raw=False)
-        return bytes(body), dict(headers)
-
-    async def put(self, scope: str, key: str, body: bytes, headers: dict[str, str]) -> None:
-        await self._kv.put(_kv_key(scope, key), msgpack.packb([body, headers], use_bin_type=True))
+def request_digest(subject: str, payload: dict[str, Any]) -> str:
+    """A stable digest of a command: its subject and its payload (without the key itself)."""
+    canonical = json.dumps([subject, payload], sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]

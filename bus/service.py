@@ -34,7 +34,7 @@ from bus.errors import (
     UnknownCommand,
     ValidationFailed,
 )
-from bus.idempotency import IdempotencyStore
+from bus.idempotency import RequestKey, request_digest
 from bus.subjects import ContentType, Header
 
 IDEMPOTENCY_FIELD = "idempotency_key"
@@ -60,6 +60,8 @@ class CommandContext:
     principal: Any
     bus: Bus
     log: Any
+    idempotency: RequestKey | None = None
+    """The command's idempotency key (saga steps); the handler keeps it with its effect."""
 
 
 class Authenticator(Protocol):
@@ -104,8 +106,6 @@ class BusService:
     instance_metadata: dict[str, str] = field(default_factory=dict)
     subject_prefix: str | None = None
     """Subject prefix of the endpoints; default ``sf.cmd.<name>`` (agents use ``sf.agent.<id>``)."""
-    idempotency: IdempotencyStore | None = None
-    """Where successful replies are kept by idempotency key (saga steps); None: not kept."""
     _commands: dict[str, CommandSpec[Any, Any]] = field(default_factory=dict)
     _service: Service | None = None
     _catch_all: Subscription | None = None
@@ -221,11 +221,7 @@ class BusService:
             if self.authenticator is not None and not spec.public:
                 principal = await self.authenticator.authenticate(subject, envelope, data)
             idem_key = _idempotency_key(raw_headers, payload, spec.request)
-            scope = f"{subject}|{envelope.actor or ''}"
-            if idem_key and self.idempotency is not None:
-                cached = await self.idempotency.get(scope, idem_key)
-                if cached is not None:
-                    return cached
+            request_key = RequestKey(idem_key, request_digest(subject, payload)) if idem_key else None
             try:
                 request = spec.request.model_validate(payload)
             except ValidationError as exc:
@@ -242,6 +238,7 @@ class BusService:
                     correlation_id=envelope.correlation_id or envelope.msg_id,
                     actor=envelope.actor,
                 ),
+                idempotency=request_key,
             )
             result = await spec.handler(ctx, request)
             headers = {
@@ -250,10 +247,7 @@ class BusService:
                 Header.CORRELATION_ID.value: envelope.correlation_id or envelope.msg_id,
                 Header.CAUSATION_ID.value: envelope.msg_id,
             }
-            body = codec.encode(result, ctype)
-            if idem_key and self.idempotency is not None:
-                await self.idempotency.put(scope, idem_key, body, headers)
-            return body, headers
+            return codec.encode(result, ctype), headers
         except SkyferryError as err:
             log.info("command_refused", service=self.name, verb=spec.verb, code=str(err.code), error=err.message)
             return _error_message(err, ctype, raw_headers)

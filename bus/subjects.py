@@ -29,6 +29,7 @@ class Header(StrEnum):
     SCHEMA = "Sf-Schema"
     SIGNATURE = "Sf-Signature"
     IDEMPOTENCY_KEY = "Sf-Idempotency-Key"
+    IDEMPOTENCY_DIGEST = "Sf-Idempotency-Digest"
     ERROR = "Sf-Error"
     NATS_MSG_ID = "Nats-Msg-Id"
     NATS_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"

@@ -16,7 +16,6 @@ from pydantic import BaseModel
 
 from bus.connection import Bus
 from bus.errors import AlreadyExists, Forbidden, NotFound, ValidationFailed
-from bus.idempotency import KvIdempotencyStore
 from bus.kinds import KINDS, ROOT_KIND, Aggregate, RecordKind
 from bus.messages import (
     MESSAGES,
@@ -40,7 +39,7 @@ from bus.service import BusService, CommandContext
 from manager.access import authorise, may_see
 from manager.auth import KvNonceStore, SignatureAuthenticator
 from manager.domain import decide_create, decide_delete, decide_set_state, decide_update, find_child, key_of
-from manager.store.repository import Decision, Loaded, Repository
+from manager.store.repository import Decision, Keyed, Loaded, Repository
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +84,6 @@ class ManagerService:
             VERSION,
             "Skyferry migration manager: maps, users, access control",
             authenticator=authenticator,
-            idempotency=await KvIdempotencyStore.open(self.bus),
         )
         for kind in KINDS.values():
             self._register_kind(svc, kind)
@@ -132,8 +130,16 @@ class ManagerService:
             actor=ctx.envelope.actor,
             msg_id=ctx.envelope.msg_id,
             correlation_id=ctx.envelope.correlation_id,
+            keyed=keyed_of(ctx),
         )
-        ctx.log.info("record_written", kind=kind.name, id=key, event_type=written.event_type, position=written.position)
+        ctx.log.info(
+            "record_written",
+            kind=kind.name,
+            id=key,
+            event_type=written.event_type,
+            position=written.position,
+            replayed=written.replayed,
+        )
         return WriteResult(
             kind=kind.name,
             aggregate=kind.aggregate.value,
@@ -321,7 +327,14 @@ class ManagerService:
             (KINDS["domain"], d) for d in req.map.domains
         ]:
             key = key_of(kind, record)
-            cur = await self.repo.load(kind.aggregate, key)
+            keyed = keyed_of(ctx, f"{kind.name}:{key}")
+            # A keyed re-run reads the stream itself, so an earlier run's write is found and reported
+            # as written (the first result), never as "unchanged".
+            cur = await self.repo.load(kind.aggregate, key, fresh=keyed is not None)
+            earlier = self.repo.replayed(keyed, cur) if keyed is not None else None
+            if earlier is not None:
+                written.append(_write_result(kind, key, earlier.position, earlier.event_type))
+                continue
             if cur.state is not None and cur.state.model_dump(mode="json") == record.model_dump(mode="json"):
                 unchanged.append(f"{kind.name}:{key}")
                 continue
@@ -333,11 +346,16 @@ class ManagerService:
                 return event_type(kind.name, verb), {"record": record.model_dump(mode="json")}
 
             # A per-record message id keeps a retried import idempotent.
-            written.append(await self._write_import(ctx, kind, key, decide))
+            written.append(await self._write_import(ctx, kind, key, decide, keyed))
         return NetMapImportResult(written=written, unchanged=unchanged)
 
     async def _write_import(
-        self, ctx: CommandContext, kind: RecordKind, key: str, decide: Callable[[Loaded], Decision]
+        self,
+        ctx: CommandContext,
+        kind: RecordKind,
+        key: str,
+        decide: Callable[[Loaded], Decision],
+        keyed: Keyed | None,
     ) -> WriteResult:
         w = await self.repo.write(
             kind.aggregate,
@@ -347,15 +365,9 @@ class ManagerService:
             actor=ctx.envelope.actor,
             msg_id=f"{ctx.envelope.msg_id}-{kind.name}-{key}",
             correlation_id=ctx.envelope.correlation_id or ctx.envelope.msg_id,
+            keyed=keyed,
         )
-        return WriteResult(
-            kind=kind.name,
-            aggregate=kind.aggregate.value,
-            aggregate_id=key,
-            id=key,
-            version=w.position,
-            event_type=w.event_type,
-        )
+        return _write_result(kind, key, w.position, w.event_type)
 
     async def _netmap_export(self, ctx: CommandContext, req: Empty) -> NetMapView:
         user = ctx.principal
@@ -389,6 +401,20 @@ class ManagerService:
         if self.schema_provider is None:
             raise NotFound("schema document not available")
         return SchemaDocument(document=self.schema_provider())
+
+
+def keyed_of(ctx: CommandContext, part: str | None = None) -> Keyed | None:
+    """The idempotency key a write keeps in its event (``part`` names one event of a multi-event command)."""
+    if ctx.idempotency is None:
+        return None
+    key = ctx.idempotency.key if part is None else f"{ctx.idempotency.key}#{part}"
+    return Keyed(key=key, digest=ctx.idempotency.digest, actor=ctx.envelope.actor)
+
+
+def _write_result(kind: RecordKind, key: str, position: int, ev_type: str) -> WriteResult:
+    return WriteResult(
+        kind=kind.name, aggregate=kind.aggregate.value, aggregate_id=key, id=key, version=position, event_type=ev_type
+    )
 
 
 def _walk_secrets(value: Any, path: str) -> list[str]:

@@ -6,7 +6,10 @@ Every recorder has the same contract (see ``tests/manager/store/test_recorder_co
 * ``append(..., expected=N)`` succeeds only if the aggregate's last event is at
   position ``N`` (0: the aggregate has no events), else :class:`ConcurrencyConflict`;
 * an append carrying a ``msg_id`` already stored within the dedupe window is a
-  no-op returning the original position (safe retries after a lost ack).
+  no-op returning the original position (safe retries after a lost ack);
+* an event may carry the idempotency key of the command that caused it (and a digest
+  of that command), stored with the event itself: the record that a keyed command
+  took effect is the effect, one atomic write (see ``docs/sagas.md``, "Exactly once").
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class NewEvent:
     msg_id: str = field(default_factory=new_id)
     correlation_id: str | None = None
     causation_id: str | None = None
+    idempotency_key: str | None = None
+    """Key of the command this event is the effect of (saga steps); stored in the event's headers."""
+    idempotency_digest: str | None = None
+    """Digest of that command, so a key reused for a different command is told apart."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class StoredEvent:
     msg_id: str
     correlation_id: str | None = None
     causation_id: str | None = None
+    idempotency_key: str | None = None
+    idempotency_digest: str | None = None
 
     @property
     def subject(self) -> str:
@@ -107,6 +116,10 @@ def _headers(event: NewEvent) -> dict[str, str]:
         h[Header.CORRELATION_ID.value] = event.correlation_id
     if event.causation_id:
         h[Header.CAUSATION_ID.value] = event.causation_id
+    if event.idempotency_key:
+        h[Header.IDEMPOTENCY_KEY.value] = event.idempotency_key
+    if event.idempotency_digest:
+        h[Header.IDEMPOTENCY_DIGEST.value] = event.idempotency_digest
     return h
 
 
@@ -127,6 +140,8 @@ def stored_from_message(subject: str, seq: int, headers: dict[str, str] | None, 
         msg_id=h.get(Header.MSG_ID, ""),
         correlation_id=h.get(Header.CORRELATION_ID),
         causation_id=h.get(Header.CAUSATION_ID),
+        idempotency_key=h.get(Header.IDEMPOTENCY_KEY),
+        idempotency_digest=h.get(Header.IDEMPOTENCY_DIGEST),
     )
 
 
@@ -163,6 +178,8 @@ class MemoryRecorder:
                     msg_id=event.msg_id,
                     correlation_id=event.correlation_id,
                     causation_id=event.causation_id,
+                    idempotency_key=event.idempotency_key,
+                    idempotency_digest=event.idempotency_digest,
                 )
             )
             self._last[subject] = pos

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from bus.errors import BusError, ConcurrencyConflict
+from bus.errors import BusError, ConcurrencyConflict, IdempotencyKeyReused, SkyferryError
 from bus.kinds import Aggregate
 from manager.domain import apply_event
 from manager.store.recorder import EventRecorder, NewEvent, StoredEvent
@@ -43,6 +43,30 @@ class Written:
     loaded: Loaded
     event_type: str
     position: int
+    replayed: bool = False
+    """True when the command's idempotency key had already taken effect: this is the first result."""
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """The idempotency key of the command a write is the effect of, scoped by actor."""
+
+    key: str
+    digest: str
+    actor: str | None = None
+
+    @property
+    def scope(self) -> tuple[str, str]:
+        return (self.actor or "", self.key)
+
+
+@dataclass(frozen=True)
+class _KeyedEvent:
+    aggregate: Aggregate
+    aggregate_id: str
+    position: int
+    event_type: str
+    digest: str | None
 
 
 def fold(aggregate: Aggregate, agg_id: str, events: list[StoredEvent]) -> Loaded:
@@ -65,6 +89,9 @@ class Repository:
         self._cache: dict[tuple[Aggregate, str], Loaded] = {}
         self._position = 0
         self._locks: dict[tuple[Aggregate, str], asyncio.Lock] = {}
+        # Keys of every event folded into the cache (the cache and this index move together, so
+        # a key missing here is missing from every event the cached version includes).
+        self._keys: dict[tuple[str, str], _KeyedEvent] = {}
 
     @property
     def position(self) -> int:
@@ -88,6 +115,7 @@ class Repository:
             return
         if agg is Aggregate.SAGA:
             return
+        self._index_key(agg, ev)
         key = (agg, ev.aggregate_id)
         cur = self._cache.get(key)
         if cur is not None and cur.version >= ev.position:
@@ -122,6 +150,8 @@ class Repository:
                 return hit
         events = await self.recorder.read(aggregate.value, agg_id, until_position=until_position, until_time=until_time)
         loaded = fold(aggregate, agg_id, events)
+        for ev in events:
+            self._index_key(aggregate, ev)
         if until_position is None and until_time is None:
             cur = self._cache.get((aggregate, agg_id))
             if cur is None or cur.version <= loaded.version:
@@ -143,6 +173,30 @@ class Repository:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    def _index_key(self, aggregate: Aggregate, ev: StoredEvent) -> None:
+        if ev.idempotency_key:
+            self._keys.setdefault(
+                (ev.actor or "", ev.idempotency_key),
+                _KeyedEvent(aggregate, ev.aggregate_id, ev.position, ev.event_type, ev.idempotency_digest),
+            )
+
+    def replayed(self, keyed: Keyed, cur: Loaded) -> Written | None:
+        """The first result of a command whose key already took effect (None: it has not).
+
+        Raises:
+            IdempotencyKeyReused: the key took effect for a different command.
+        """
+        hit = self._keys.get(keyed.scope)
+        if hit is None:
+            return None
+        if hit.digest is not None and hit.digest != keyed.digest:
+            raise IdempotencyKeyReused(
+                f"idempotency key {keyed.key!r} was already used for a different command",
+                details={"key": keyed.key, "aggregate": hit.aggregate.value, "id": hit.aggregate_id},
+            )
+        log.info("write_replayed", aggregate=hit.aggregate.value, id=hit.aggregate_id, position=hit.position)
+        return Written(cur, hit.event_type, hit.position, replayed=True)
+
     async def write(
         self,
         aggregate: Aggregate,
@@ -153,33 +207,59 @@ class Repository:
         actor: str | None,
         msg_id: str,
         correlation_id: str | None = None,
+        keyed: Keyed | None = None,
     ) -> Written:
         """Decide an event from the current state and append it atomically.
 
         With ``expected_version`` the caller's view must be current, else
         :class:`ConcurrencyConflict`. Without it, a conflict means another
         writer got in first: reload, decide again (re-running every check)
-        and retry, so no decision is ever made on stale state.
+        and retry, so no decision is ever made on stale state. A refusal
+        (a failed check, a version mismatch) decided on cached state is
+        decided again on the stream's current state before it is final.
+
+        With ``keyed``, the key travels inside the event: if an event with the
+        same key is already folded in, nothing is written and the first result
+        is returned, whatever else was lost in a crash (the reply, the caller's
+        own record of the attempt). The append's optimistic concurrency makes
+        the check and the effect one atomic step.
         """
         lock = self._locks.setdefault((aggregate, agg_id), asyncio.Lock())
         async with lock:
             fresh = False
             for attempt in range(self.max_retries):
                 cur = await self.load(aggregate, agg_id, fresh=fresh)
-                if expected_version is not None and cur.version != expected_version:
-                    raise ConcurrencyConflict(
-                        f"{aggregate.value} {agg_id} is at version {cur.version}, not {expected_version}",
-                        details={"expected": expected_version, "actual": cur.version},
-                    )
-                ev_type, data = decide(cur)
+                if keyed is not None:
+                    earlier = self.replayed(keyed, cur)
+                    if earlier is not None:
+                        return earlier
+                try:
+                    if expected_version is not None and cur.version != expected_version:
+                        raise ConcurrencyConflict(
+                            f"{aggregate.value} {agg_id} is at version {cur.version}, not {expected_version}",
+                            details={"expected": expected_version, "actual": cur.version},
+                        )
+                    ev_type, data = decide(cur)
+                except SkyferryError:
+                    if fresh:
+                        raise
+                    fresh = True
+                    continue
                 new_state = apply_event(aggregate, cur.state, ev_type, data)
                 event = NewEvent(
-                    ev_type, data, actor=actor, msg_id=msg_id, correlation_id=correlation_id, causation_id=msg_id
+                    ev_type,
+                    data,
+                    actor=actor,
+                    msg_id=msg_id,
+                    correlation_id=correlation_id,
+                    causation_id=msg_id,
+                    idempotency_key=keyed.key if keyed else None,
+                    idempotency_digest=keyed.digest if keyed else None,
                 )
                 try:
                     pos = await self._append_with_retry(aggregate, agg_id, event, cur.version)
                 except ConcurrencyConflict:
-                    if expected_version is not None:
+                    if expected_version is not None and keyed is None:
                         raise
                     log.info("write_conflict_retry", aggregate=aggregate.value, id=agg_id, attempt=attempt)
                     fresh = True
@@ -188,5 +268,7 @@ class Repository:
                 prev = self._cache.get((aggregate, agg_id))
                 if prev is None or prev.version < pos:
                     self._cache[(aggregate, agg_id)] = loaded
+                if keyed is not None:
+                    self._keys.setdefault(keyed.scope, _KeyedEvent(aggregate, agg_id, pos, ev_type, keyed.digest))
                 return Written(loaded, ev_type, pos)
             raise ConcurrencyConflict(f"{aggregate.value} {agg_id}: too many concurrent writers")
