@@ -7,6 +7,8 @@ interpreter); ``SKYFERRY_NATS_SERVER`` overrides it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,11 @@ class ServerConfig:
     cluster_port: int | None = None
     routes: list[str] = field(default_factory=list)
 
+    @property
+    def pid_file(self) -> Path | None:
+        """Where the server writes its pid (next to its store), so a later owner can find an orphan."""
+        return self.store_dir.parent / "nats-server.pid" if self.store_dir is not None else None
+
     def render(self) -> dict[str, Any]:
         conf: dict[str, Any] = {
             "server_name": self.server_name,
@@ -97,6 +105,8 @@ class ServerConfig:
                 "sync_interval": self.sync_interval,
             },
         }
+        if self.pid_file is not None:
+            conf["pid_file"] = str(self.pid_file)
         if self.users:
             conf["authorization"] = {"users": [u.to_config() for u in self.users]}
         if self.cluster_name and self.cluster_port:
@@ -109,17 +119,71 @@ class ServerConfig:
         return conf
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(owner: int) -> Callable[[], None]:
+    """A pre-exec hook: the child gets SIGTERM when ``owner`` dies, however it dies (Linux only)."""
+
+    def hook() -> None:
+        # Not Linux: no death signal, and the pid file still lets the next owner stop an orphan.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != owner:  # the owner died before the death signal was armed
+            os._exit(1)
+
+    return hook
+
+
+def _pid_alive(pid: int) -> bool:
+    """Any thread of ``pid`` still running (a multi-threaded process's leader shows as a zombie while
+    its other threads still exit and hold its sockets)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return Path(f"/proc/{pid}").exists()
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
+
+
 class EmbeddedNatsServer:
     """A nats-server child process with JetStream.
 
     Use as an async context manager, or call :meth:`start` / :meth:`stop`.
+
+    The server never outlives its owner: the kernel sends it SIGTERM when the owning
+    process dies (``PR_SET_PDEATHSIG``; the owner must start it from its main thread), and
+    a server left over anyway (a hung one, another OS) is found through the pid file next
+    to its store and stopped by the next owner of that store before it starts its own.
     """
 
-    def __init__(self, config: ServerConfig | None = None, *, log_file: Path | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig | None = None, *, log_file: Path | None = None, bound_to_owner: bool = True
+    ) -> None:
         self.config = config or ServerConfig()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = log_file
+        self._bound_to_owner = bound_to_owner
 
     @property
     def url(self) -> str:
@@ -144,14 +208,59 @@ class EmbeddedNatsServer:
         return conf_path
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until JetStream is healthy."""
+        """Start the server and wait until JetStream is healthy (stopping an orphan of this store first)."""
         conf_path = self._prepare()
+        await self.stop_orphan()
         out = open(self._log_file, "ab") if self._log_file else subprocess.DEVNULL  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [find_binary(), "-c", str(conf_path)], stdout=out, stderr=out, start_new_session=True
+            [find_binary(), "-c", str(conf_path)],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            preexec_fn=_die_with(os.getpid()) if self._bound_to_owner else None,
         )
         await self.wait_healthy(timeout)
         log.info("nats_server_started", url=self.url, pid=self._proc.pid, store=str(self.config.store_dir))
+
+    def orphan_pid(self) -> int | None:
+        """The pid of a live nats-server left running on this store by an earlier owner, if any."""
+        pid_file = self.config.pid_file
+        if pid_file is None or not pid_file.exists():
+            return None
+        try:
+            pid = int(pid_file.read_text().strip())
+        except ValueError:
+            return None
+        if (self._proc is not None and pid == self._proc.pid) or not _pid_alive(pid):
+            return None
+        args = _cmdline(pid)
+        conf_dir = str(pid_file.parent)
+        ours = bool(args) and Path(args[0]).name.startswith("nats-server") and any(conf_dir in a for a in args)
+        return pid if ours else None
+
+    async def stop_orphan(self, timeout: float = 10.0) -> int | None:
+        """Stop a server an earlier owner of this store left running (SIGTERM, then SIGKILL); its pid or None."""
+        pid = self.orphan_pid()
+        if pid is None:
+            return None
+        log.warning("nats_server_orphan_found", pid=pid, store=str(self.config.store_dir))
+        for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+                os.kill(pid, signal.SIGCONT)  # a stopped server handles the SIGTERM now
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if not _pid_alive(pid):
+                break
+        if _pid_alive(pid):
+            raise BusUnavailable(
+                f"an earlier nats-server (pid {pid}) on this store does not stop", details={"pid": pid}
+            )
+        log.info("nats_server_orphan_stopped", pid=pid)
+        return pid
 
     async def wait_healthy(self, timeout: float = 10.0) -> None:
         """Poll ``/healthz?js-enabled-only=true`` on the monitor port."""
@@ -159,7 +268,10 @@ class EmbeddedNatsServer:
         last = ""
         while time.monotonic() < deadline:
             if self._proc and self._proc.poll() is not None:
-                raise BusUnavailable(f"nats-server exited with {self._proc.returncode}")
+                raise BusUnavailable(
+                    f"nats-server exited with {self._proc.returncode}" + _log_tail(self._log_file),
+                    details={"port": self.config.port, "log": str(self._log_file or "")},
+                )
             try:
                 status, body = await _http_get(
                     self.config.host, self.config.monitor_port, "/healthz?js-enabled-only=true"
@@ -213,6 +325,14 @@ class EmbeddedNatsServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _log_tail(log_file: Path | None) -> str:
+    """The server's last error line, to say why it exited (a taken port, a locked store...)."""
+    if log_file is None or not log_file.exists():
+        return ""
+    lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if "[FTL]" in ln or "[ERR]" in ln]
+    return f": {lines[-1].split(']', 2)[-1].strip()}" if lines else ""
 
 
 async def _http_get(host: str, port: int, path: str) -> tuple[int, str]:
