@@ -1,4 +1,4 @@
-"""VnaAgentService: stopping it while it publishes (no lab needed)."""
+"""VnaAgentService: stopping it while it publishes, and a failed publish (no lab needed)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from structlog.testing import capture_logs
 
 from bus.connection import Bus
 from bus.vna import Ack
@@ -42,4 +43,10 @@ async def test_an_ordinary_publish_error_is_logged_not_raised(bus: Bus, monkeypa
         raise RuntimeError("bus outage")
 
     monkeypatch.setattr(bus.js, "publish", failing)
-    await VnaAgentService._js_publish(SimpleNamespace(bus=bus), "sf.alert.x.y", Ack())  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        await VnaAgentService._js_publish(SimpleNamespace(bus=bus), "sf.alert.x.y", Ack())  # type: ignore[arg-type]
+    failed = [e for e in logs if e["event"] == "publish_failed"]
+    assert len(failed) == 1, logs
+    assert failed[0]["log_level"] == "warning"
+    assert failed[0]["subject"] == "sf.alert.x.y"
+    assert "bus outage" in failed[0]["error"]
