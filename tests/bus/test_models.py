@@ -633,7 +633,12 @@ def test_application_map_same_address_on_different_networks() -> None:
     data = application_map()
     data["networks"].append({"id": "lan2", "name": "LAN 2", "production_overlay_id": "o2"})
     data["nodes"][1]["interfaces"].append(iface(name="eth1", application_network="lan2", address="10.1.1.10"))
-    ApplicationMap.model_validate(data)
+    amap = ApplicationMap.model_validate(data)
+    # The same address is allowed once per application network: both interfaces are kept as given.
+    on_addr = [
+        (n.id, i.name, i.application_network) for n in amap.nodes for i in n.interfaces if str(i.address) == "10.1.1.10"
+    ]
+    assert on_addr == [("web", "eth0", "lan1"), ("app", "eth1", "lan2")]
 
 
 def break_map(path: str, value: Any) -> dict[str, Any]:

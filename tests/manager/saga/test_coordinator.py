@@ -23,6 +23,7 @@ from manager.saga import (
     fold,
 )
 from manager.saga.events import SagaCreated, StepStarted, StepSucceeded
+from manager.saga.state import CompensationStatus
 from manager.saga.testing import (
     Behaviour,
     FakeClock,
@@ -144,8 +145,10 @@ async def test_a_failing_compensation_does_not_stop_the_others(
     assert state.failed_compensations == ["s2"]
     assert state.compensated == ["s3", "s1"]
     assert [k for _, k in transport.requests].count("c2:s2:compensation") == 5
-    assert state.steps["s2"].compensation_status is not None
-    assert state.steps["s2"].compensation_error is not None
+    assert state.steps["s2"].compensation_status is CompensationStatus.FAILED
+    error = state.steps["s2"].compensation_error
+    assert error is not None and error.code == ErrorCode.UNAVAILABLE and error.retryable
+    assert "scripted failure 5/99" in error.message
 
 
 async def test_compensation_is_shielded_from_cancellation(
