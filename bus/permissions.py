@@ -18,6 +18,8 @@ class Role(StrEnum):
     AGENT = "agent"
     CLI = "cli"
     OBSERVER = "observer"
+    SAGA = "saga"
+    """The saga coordinator run as its own process (``python -m manager.saga.worker``)."""
 
 
 _INBOX = "_INBOX.>"
@@ -28,6 +30,25 @@ _JS_INFO = [
     f"$JS.API.STREAM.INFO.{FLOWS_STREAM}",
     f"$JS.API.STREAM.INFO.{ALERTS_STREAM}",
 ]
+
+
+# KV buckets the saga coordinator uses; the names are defined by manager.saga.leases.LEASE_BUCKET and
+# manager.auth.NONCE_BUCKET (bus cannot import the manager; tests/bus/test_permissions.py checks them).
+SAGA_LEASE_BUCKET = "SF_SAGA_LEASES"
+NONCE_BUCKET = "SF_NONCES"
+
+
+def _kv_bucket(bucket: str) -> list[str]:
+    # Create/bind the bucket, read keys (direct or not), put/create/update/delete keys.
+    stream = f"KV_{bucket}"
+    return [
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$KV.{bucket}.>",
+    ]
 
 
 def _read_stream(stream: str) -> list[str]:
@@ -86,6 +107,29 @@ def role_permissions(role: Role) -> dict[str, Any]:
             },
             "subscribe": {"allow": [f"{ROOT}.agent.>", _SRV, _INBOX]},
             "allow_responses": True,
+        }
+    if role is Role.SAGA:
+        # Appends its own aggregate's events only (sf.evt.saga.>), sends steps to components and agents,
+        # keeps its leases and the shared replay nonces in KV, reads SF_EVENTS; cannot touch the other
+        # aggregates' events, the streams' configuration or the manager's idempotency records.
+        return {
+            "publish": {
+                "allow": [
+                    f"{ROOT}.evt.saga.>",
+                    f"{ROOT}.cmd.>",
+                    f"{ROOT}.agent.>",
+                    f"{ROOT}.status.>",
+                    f"{ROOT}.progress.>",
+                    _SRV,
+                    _INBOX,
+                    "$JS.API.INFO",
+                    f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
+                    *_read_stream(EVENTS_STREAM),
+                    *_kv_bucket(SAGA_LEASE_BUCKET),
+                    *_kv_bucket(NONCE_BUCKET),
+                ],
+            },
+            "subscribe": {"allow": [f"{ROOT}.cmd.saga.>", f"{ROOT}.evt.saga.>", _SRV, _INBOX]},
         }
     if role is Role.CLI:
         return {

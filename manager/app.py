@@ -46,6 +46,9 @@ class ManagerConfig:
     """SQLAlchemy URL of the read models (sqlite:///... or postgresql://...); None: no projections."""
     saga_seed: str | None = None
     """Seed of the saga coordinator's service account; None: no coordinator in this process."""
+    saga_public_key: str | None = None
+    """Public key of a coordinator run as its own process (``python -m manager.saga.worker``): the
+    service account is created from it so that its signed steps are accepted. Implied by ``saga_seed``."""
     saga_account: str = "saga-coordinator"
 
 
@@ -74,6 +77,11 @@ class ManagerApp:
         self._follower = StreamFollower(self.bus, self.repo)
         await self._follower.start()
         await self._bootstrap_admin()
+        # Before the service answers: a coordinator's first signed step must find its account.
+        seed = self.config.saga_seed
+        saga_key = signing.public_key_of(seed) if seed else self.config.saga_public_key
+        if saga_key:
+            await self._bootstrap_saga_account(saga_key)
         self.service = ManagerService(self.bus, self.repo, require_signatures=self.config.require_signatures)
         svc = self.service
         svc.schema_provider = lambda: build_document([s for s in [svc.service] if s], all_event_models())
@@ -92,15 +100,25 @@ class ManagerApp:
             self._projection_task = asyncio.create_task(self.projection_runner.run())
         log.info("manager_started", instance=self.config.instance, events_folded=n)
 
-    async def _start_sagas(self, seed: str) -> None:
-        assert self.bus is not None and self.repo is not None and self.service is not None
+    async def _bootstrap_saga_account(self, public_key: str) -> None:
+        """Create the coordinator's service account (steps are signed with it) unless it exists."""
         account = UserAccount(
             id=self.config.saga_account,
             display_name="Saga coordinator (service account)",
-            public_key=signing.public_key_of(seed),
+            public_key=public_key,
             authorisations={Authorisation.ADMIN},
         )
         await self._bootstrap_user(account, only_if_no_users=False)
+        existing = self.repo.current(Aggregate.USER, account.id) if self.repo else None
+        if isinstance(existing, UserAccount) and existing.public_key != public_key:
+            log.warning(
+                "saga_account_key_differs",
+                account=account.id,
+                hint="the account keeps its recorded key; update it with `skyferry user update` to rotate",
+            )
+
+    async def _start_sagas(self, seed: str) -> None:
+        assert self.bus is not None and self.repo is not None and self.service is not None
         self.sagas = SagaCoordinator(
             self.bus,
             JetStreamRecorder(self.bus),
