@@ -15,8 +15,9 @@ What ``init`` makes under the config directory (``--etc``, else ``$SKYFERRY_ETC`
     manager.env saga.env vna.env   what the systemd units read (URL, read-model URL, VNA id, extra options)
 
 Re-running is safe: an existing key is never overwritten (seeds are published with a hard link, which
-fails if the name exists), existing config files are kept (operators edit them), and only ``nats.env``,
-derived from the seeds, is rewritten when it no longer matches them. Seeds are mode 0600 in a 0700
+fails if the name exists), a signing seed moved off the host is not made anew while its ``.pub`` is
+there, existing config files are kept (operators edit them), and only ``nats.env``, derived from the
+seeds, is rewritten when it no longer matches them. Seeds are mode 0600 in a 0700
 directory; nothing half-written is ever visible (temporary name, fsync, then link or rename).
 """
 
@@ -126,57 +127,81 @@ def _read_seed(path: Path) -> str:
 
 @dataclass
 class KeySet:
-    """The seeds of an installation, by key name, and which of them this run created."""
+    """The keys of an installation by name: seeds, and public keys of signing seeds kept elsewhere."""
 
     seeds: dict[str, str]
     created: list[str] = field(default_factory=list)
+    publics: dict[str, str] = field(default_factory=dict)
+    """Signing keys whose seed is not on this host (e.g. the admin's, moved to the operator)."""
 
     def public(self, name: str) -> str:
-        return signing.public_key_of(self.seeds[name])
+        return signing.public_key_of(self.seeds[name]) if name in self.seeds else self.publics[name]
 
     def role_public_keys(self) -> dict[Role, str]:
         """Public nkey of each role's NATS user (what the server config lists)."""
         return {r: self.public(r.value) for r in Role}
 
 
+def _read_public(path: Path) -> str:
+    key = path.read_text().strip()
+    if not re.fullmatch(r"U[A-Z2-7]{55}", key):
+        raise InstallError(f"{path} is not a public user nkey", details={"path": str(path)})
+    return key
+
+
 def ensure_keys(keys_dir: Path) -> KeySet:
     """Create the missing seeds under ``keys_dir`` (and the signing keys' ``.pub``); never overwrite one.
 
+    A signing key whose seed is gone but whose ``.pub`` is there was moved off the host on purpose
+    (the admin's, to the operator): it is kept as the public key, not made anew.
+
     Raises:
-        InstallError: an existing seed is unreadable, or a ``.pub`` does not match its seed.
+        InstallError: an existing key is unreadable, or a ``.pub`` does not match its seed.
     """
     keys_dir.mkdir(parents=True, exist_ok=True, mode=KEYS_DIR_MODE)
-    seeds: dict[str, str] = {}
-    created: list[str] = []
+    keys = KeySet({})
     for name in key_names():
         path = seed_path(keys_dir, name)
-        if not path.exists() and _publish(path, signing.generate_user_seed() + "\n", SEED_MODE, replace=False):
-            created.append(name)
-            log.info("key_created", name=name, path=str(path))
-        seeds[name] = _read_seed(path)
+        if not path.exists():
+            if name in SIGNING_KEYS and public_path(keys_dir, name).exists():
+                keys.publics[name] = _read_public(public_path(keys_dir, name))
+                continue
+            if _publish(path, signing.generate_user_seed() + "\n", SEED_MODE, replace=False):
+                keys.created.append(name)
+                log.info("key_created", name=name, path=str(path))
+        keys.seeds[name] = _read_seed(path)
     for name in SIGNING_KEYS:
-        pub = signing.public_key_of(seeds[name])
+        if name not in keys.seeds:
+            continue
+        pub = signing.public_key_of(keys.seeds[name])
         path = public_path(keys_dir, name)
-        if not _publish(path, pub + "\n", 0o644, replace=False):
-            found = path.read_text().strip()
-            if found != pub:
-                raise InstallError(
-                    f"{path} does not match {seed_path(keys_dir, name)}; remove the stale .pub to have it rewritten",
-                    details={"path": str(path)},
-                )
-    return KeySet(seeds, created)
+        if not _publish(path, pub + "\n", 0o644, replace=False) and path.read_text().strip() != pub:
+            raise InstallError(
+                f"{path} does not match {seed_path(keys_dir, name)}; remove the stale .pub to have it rewritten",
+                details={"path": str(path)},
+            )
+    return keys
 
 
 def load_keys(keys_dir: Path) -> KeySet:
-    """The seeds under ``keys_dir``, creating nothing.
+    """The keys under ``keys_dir``, creating nothing.
 
     Raises:
         InstallError: a key is missing or unreadable.
     """
-    missing = [n for n in key_names() if not seed_path(keys_dir, n).exists()]
+    keys = KeySet({})
+    missing = []
+    for name in key_names():
+        seed, pub = seed_path(keys_dir, name), public_path(keys_dir, name)
+        if seed.exists():
+            keys.seeds[name] = _read_seed(seed)
+        elif name in SIGNING_KEYS and pub.exists():
+            keys.publics[name] = _read_public(pub)
+        else:
+            missing.append(name)
     if missing:
         raise InstallError(f"missing keys under {keys_dir}: {', '.join(missing)}", details={"missing": missing})
-    return KeySet({n: _read_seed(seed_path(keys_dir, n)) for n in key_names()})
+    return keys
 
 
 def nats_env_text(keys: KeySet) -> str:

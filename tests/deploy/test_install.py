@@ -79,6 +79,16 @@ def test_rerun_never_overwrites_a_key_or_an_edited_file(tmp_path: Path) -> None:
     )
 
 
+def test_an_admin_seed_moved_off_the_host_is_not_made_anew(tmp_path: Path) -> None:
+    etc = _init(tmp_path)
+    pub = (etc / "keys" / "admin.pub").read_text()
+    (etc / "keys" / "admin.nk").unlink()
+    result = keys.init(etc)
+    assert result.keys_created == [] and not (etc / "keys" / "admin.nk").exists()
+    assert (etc / "keys" / "admin.pub").read_text() == pub
+    assert keys.load_keys(etc / "keys").public(keys.ADMIN) == pub.strip()
+
+
 def test_a_stale_public_key_is_refused_not_replaced(tmp_path: Path) -> None:
     etc = _init(tmp_path)
     (etc / "keys" / "admin.pub").write_text(signing.public_key_of(signing.generate_user_seed()) + "\n")
