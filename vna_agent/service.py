@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from typing import Any
 
 import structlog
@@ -17,6 +18,8 @@ from bus.service import BusService, CommandContext
 from bus.subjects import Header
 from bus.vna import (
     Ack,
+    Conflict,
+    ConflictKind,
     Discovery,
     IdentityView,
     MacFlush,
@@ -35,13 +38,18 @@ from vna_agent.agent import VnaAgent
 log = structlog.get_logger(__name__)
 SERVICE = "vna"
 VERSION = "0.1.0"
+#: Alerts about loops jump the queue: in a storm they must not wait behind hundreds of MAC moves.
+URGENT = frozenset({ConflictKind.LOOP, ConflictKind.LOOP_BLOCKED, ConflictKind.LOOP_CLEARED})
+ALERT_BACKLOG = 1024
 
 
 class VnaAgentService:
     """Runs a :class:`VnaAgent` as a bus participant.
 
     NATS permissions decide who may command an agent: only the manager and
-    component (VNM) roles may publish on ``sf.agent.>``.
+    component (VNM) roles may publish on ``sf.agent.>``. Alerts (MAC moves, loops
+    found, blocked and cleared) arrive from the agent's data-plane thread as they
+    happen and are published on ``sf.alert.<overlay>.<vna>``, loop alerts first.
     """
 
     def __init__(
@@ -50,14 +58,16 @@ class VnaAgentService:
         agent: VnaAgent,
         *,
         flow_interval_s: float = 5.0,
-        conflict_poll_s: float = 0.25,
         heartbeat_s: float = 5.0,
     ) -> None:
         self.bus = bus
         self.agent = agent
         self.flow_interval_s = flow_interval_s
-        self.conflict_poll_s = conflict_poll_s
         self.heartbeat_s = heartbeat_s
+        self._urgent: deque[Conflict] = deque(maxlen=ALERT_BACKLOG)
+        self._alerts: deque[Conflict] = deque(maxlen=ALERT_BACKLOG)
+        self._alert_ready = asyncio.Event()
+        self.alerts_dropped = 0
         self.service = BusService(
             bus,
             SERVICE,
@@ -79,23 +89,40 @@ class VnaAgentService:
         async def switch_create(ctx: CommandContext, req: SwitchCreate) -> SwitchStatus:
             return await a.switch_status(await a.switch_create(req.overlay_id, req.mtu))
 
+        # Commands are declarative, so the kernel state is both the effect and the record of it: a
+        # re-run finds its spec in place and gets the first answer; a keyed removal of what is already
+        # gone succeeds (the first run removed it). See docs/sagas.md, "Exactly once".
+
         async def switch_remove(ctx: CommandContext, req: OverlayRef) -> Ack:
+            if ctx.idempotency is not None and req.overlay_id not in a.switches:
+                return Ack()
             await a.switch_remove(req.overlay_id)
             return Ack()
 
         async def segment_join(ctx: CommandContext, req: SegmentJoin) -> Ack:
+            joined = a.switches.get(req.overlay_id)
+            if req.vlan_id is None and joined is not None and req.interface in joined.segments:
+                return Ack()
             await a.segment_join(req)
             return Ack()
 
         async def segment_leave(ctx: CommandContext, req: SegmentLeave) -> Ack:
+            joined = a.switches.get(req.overlay_id)
+            if ctx.idempotency is not None and (joined is None or req.interface not in joined.segments):
+                return Ack()
             await a.segment_leave(req.overlay_id, req.interface)
             return Ack()
 
         async def tunnel_add(ctx: CommandContext, req: TunnelAdd) -> TunnelStatus:
-            await a.tunnel_add(req)
+            existing = a.tunnels.get(req.tunnel_id)
+            if existing is not None and existing.spec == req:
+                return a.tunnel_status(existing)
+            await a.tunnel_add(req)  # a different spec under the same id is refused (already_exists)
             return a.tunnel_status(a.tunnels[req.tunnel_id])
 
         async def tunnel_remove(ctx: CommandContext, req: TunnelRef) -> Ack:
+            if ctx.idempotency is not None and req.tunnel_id not in a.tunnels:
+                return Ack()
             await a.tunnel_remove(req.tunnel_id)
             return Ack()
 
@@ -122,6 +149,12 @@ class VnaAgentService:
 
     async def start(self) -> None:
         await self.service.start()
+        loop = asyncio.get_running_loop()
+
+        def sink(alert: Conflict) -> None:  # on the data-plane thread
+            loop.call_soon_threadsafe(self._enqueue_alert, alert)
+
+        self.agent.set_alert_sink(sink)
         vid = self.agent.vna_id
         self._tasks = [
             asyncio.create_task(
@@ -134,10 +167,11 @@ class VnaAgentService:
                 )
             ),
             asyncio.create_task(self._publish_flows()),
-            asyncio.create_task(self._watch_conflicts()),
+            asyncio.create_task(self._publish_alerts()),
         ]
 
     async def stop(self) -> None:
+        self.agent.set_alert_sink(None)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -169,16 +203,22 @@ class VnaAgentService:
             await asyncio.sleep(self.flow_interval_s)
             await self.publish_flows_once()
 
-    async def _watch_conflicts(self) -> None:
+    def _enqueue_alert(self, alert: Conflict) -> None:
+        """On the bus loop: queue an alert from the data plane (the oldest goes when the backlog is full)."""
+        queue = self._urgent if alert.kind in URGENT else self._alerts
+        if len(queue) == queue.maxlen:
+            self.alerts_dropped += 1
+            log.warning("alert_dropped", kind=queue[0].kind.value, backlog=len(queue), dropped=self.alerts_dropped)
+        queue.append(alert)
+        self._alert_ready.set()
+
+    async def _publish_alerts(self) -> None:
         while True:
-            await asyncio.sleep(self.conflict_poll_s)
-            try:
-                conflicts = await self.agent.mac_conflicts()
-            except Exception as exc:
-                log.warning("conflict_poll_failed", error=repr(exc))
-                continue
-            for c in conflicts:
-                log.info("mac_conflict", kind=c.kind.value, mac=c.mac, ports=c.ports)
+            await self._alert_ready.wait()
+            self._alert_ready.clear()
+            while self._urgent or self._alerts:
+                c = self._urgent.popleft() if self._urgent else self._alerts.popleft()
+                log.info("vna_alert", kind=c.kind.value, overlay=c.overlay_id, mac=c.mac, port=c.port, ports=c.ports)
                 await self._js_publish(subjects.alert(c.overlay_id, self.agent.vna_id), c)
 
     async def __aenter__(self) -> VnaAgentService:
