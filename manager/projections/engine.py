@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import sqlite3
 from typing import Any
 
-from sqlalchemy import Engine, event
-from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from manager.projections.errors import UnsupportedDatabase
+from manager.projections.sql import dumps_json
 
 DEFAULT_URL = "sqlite+aiosqlite:///skyferry-projections.db"
 
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
-
-
-def _json_default(value: Any) -> Any:
-    # Event payloads come from msgpack: bytes and the odd non-JSON value must not fail a whole batch.
-    if isinstance(value, bytes | bytearray):
-        return value.hex()
-    if isinstance(value, set | frozenset):
-        return sorted(value, key=str)
-    return str(value)
-
-
-def _without_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_without_nul(v) for v in value]
-    return value
-
-
-def _dumps(value: Any) -> str:
-    text = json.dumps(value, default=_json_default, separators=(",", ":"))
-    if "\\u0000" in text:
-        # PostgreSQL's JSONB refuses NUL characters; one odd payload must not block the stream.
-        text = json.dumps(_without_nul(value), default=_json_default, separators=(",", ":"))
-    return text
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -71,7 +44,7 @@ def create_engine(url: str | URL, *, schema: str | None = None, echo: bool = Fal
     u = normalise_url(url)
     if schema is not None and u.get_backend_name() != "postgresql":
         raise UnsupportedDatabase("a schema can only be given for PostgreSQL")
-    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _dumps}
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": dumps_json}
     if is_memory_sqlite(u):
         # One shared connection, else every pooled connection would see its own empty database.
         kwargs |= {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
@@ -85,23 +58,32 @@ def create_engine(url: str | URL, *, schema: str | None = None, echo: bool = Fal
     return engine
 
 
-def create_blocking_engine(url: str | URL, *, echo: bool = False) -> Engine | None:
-    """A blocking (pysqlite) engine on the same SQLite file, or None (PostgreSQL, in-memory SQLite).
+def sqlite_file(url: str | URL) -> str | None:
+    """The database file of a SQLite URL, or None (PostgreSQL, in-memory SQLite).
 
-    The projector applies a batch on it in one worker thread: one thread hand-off per batch
-    instead of several per statement through aiosqlite.
+    The projector applies batches on a blocking ``sqlite3`` connection to this file in one
+    worker thread: one thread hand-off per batch instead of several per statement through
+    aiosqlite.
     """
     u = normalise_url(url)
     if u.get_backend_name() != "sqlite" or is_memory_sqlite(u):
         return None
-    engine = create_sync_engine(u.set(drivername="sqlite+pysqlite"), echo=echo, json_serializer=_dumps)
-    event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
+    return str(u.database)
+
+
+def open_sqlite(path: str) -> sqlite3.Connection:
+    """A blocking connection for the write path: autocommit mode (transactions are explicit), WAL."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
+    _sqlite_pragmas(conn, None)
+    return conn
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets readers (CLI, dashboards) query while the runner writes; a busy timeout instead of
-    # "database is locked" when two processes write at once.
+    # "database is locked" when two processes write at once. synchronous=NORMAL: a commit is not
+    # fsynced (the WAL is, at checkpoints), so a power loss can take the last commits back, never
+    # corrupt the file; the read model is rebuilt from the stream, and the position rolls back
+    # with the rows (one transaction), so the runner re-applies exactly what was lost.
     cur = dbapi_conn.cursor()
     try:
         cur.execute("PRAGMA busy_timeout=5000")

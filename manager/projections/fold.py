@@ -4,6 +4,11 @@ Map roots (overlay, domain, app, user) fold with :func:`manager.domain.apply_eve
 exactly as the manager does, so a read model never disagrees with the store.
 Saga events are written by the saga coordinator; the projection only keeps a
 summary (name, status, last event type), so it needs no knowledge of the plan.
+
+The projector keeps states in their JSON form (``model_dump(mode="json")``, which is
+all :func:`manager.domain.apply_event` reads of a state) and folds with
+:func:`fold_json`: the same fold, without turning a cached state back into a model
+first. The JSON form is what ``aggregates.state`` stores anyway.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ SAGA_PREFIX = "skyferry.v1.saga."
 
 #: Folded state of one root: a model for map roots, a plain dict for sagas, None if absent/deleted.
 RootState = BaseModel | dict[str, Any] | None
+#: A root's state in JSON form (None: absent or deleted).
+JsonState = dict[str, Any] | None
 
 # Saga event suffixes that do not name a status of their own.
 _RUNNING = frozenset({"started", "resumed", "retrying"})
@@ -82,6 +89,47 @@ def fold_event(aggregate: Aggregate, state: RootState, ev: StoredEvent) -> RootS
         raise
     except Exception as exc:  # a pure fold: whatever it raises is the event's fault, never the database's
         raise InvalidEvent(f"cannot fold {ev.event_type}: {exc}", details={"error": type(exc).__name__}) from exc
+
+
+class _JsonForm(BaseModel):
+    """A root's state already in JSON form, handed to :func:`apply_event` in place of its model.
+
+    ``apply_event`` reads a state only through ``model_dump(mode="json")`` (and never
+    mutates the result): returning the JSON form spares re-validating a cached state
+    into a model only to dump it again. Any other use fails (it has no other field),
+    and the fold falls back to the real model (see :func:`fold_json`).
+    """
+
+    form: dict[str, Any]
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        if kwargs != {"mode": "json"}:
+            raise _NeedsModel
+        return self.form
+
+
+class _NeedsModel(Exception):
+    """apply_event used a state other than through its JSON dump: fold with the real model."""
+
+
+def fold_json(aggregate: Aggregate, state: JsonState, ev: StoredEvent) -> JsonState:
+    """:func:`fold_event` on states in JSON form: the manager's fold, state in and out as JSON.
+
+    Raises:
+        InvalidEvent: the event does not fit the state (wrong type, bad payload, missing root...).
+    """
+    if aggregate is Aggregate.SAGA:
+        return fold_saga(state, ev)
+    proxy = None if state is None else _JsonForm.model_construct(form=state)
+    try:
+        folded = apply_event(aggregate, proxy, ev.event_type, ev.data)
+    except (_NeedsModel, AttributeError):  # the domain read the state some other way: same fold, real model
+        return state_to_json(fold_event(aggregate, state_from_json(aggregate, state), ev))
+    except InvalidEvent:
+        raise
+    except Exception as exc:  # a pure fold: whatever it raises is the event's fault, never the database's
+        raise InvalidEvent(f"cannot fold {ev.event_type}: {exc}", details={"error": type(exc).__name__}) from exc
+    return None if folded is None else folded.model_dump(mode="json")
 
 
 def state_to_json(state: RootState) -> dict[str, Any] | None:

@@ -7,15 +7,17 @@ crash after commit only causes a redelivery that the position check skips,
 so every event is applied exactly once. The position moves by compare-and-set,
 so two projectors sharing a name can never both apply the same batch.
 
-Speed: a batch folds each event once (the manager's ``apply_event``) but writes
-each root's rows once, upserting one-row tables and leaving alone the tables
-whose rows did not change. The folded roots stay cached between batches while
-the stored position is the one this projector committed last (any other
-position, set by another projector or a rebuild, drops the cache), and the
-position itself is then moved by a single compare-and-set. The cyclic garbage
-collector is paused while a batch is applied (the batch's objects are freed by
-reference counting when it ends, instead of being promoted and rescanned by
-full collections several times per batch).
+Speed: a batch folds each event once (the manager's ``apply_event``, on states
+kept in JSON form) but writes each root's rows once, one statement per table
+(:mod:`manager.projections.sql`: plain driver SQL, no per-row ORM work),
+upserting one-row tables and leaving alone the tables whose rows did not
+change. The folded roots stay cached between batches, as JSON text and row
+tuples (which the garbage collector does not track), while the stored position
+is the one this projector committed last (any other position, set by another
+projector or a rebuild, drops the cache), and the position itself is then moved
+by a single compare-and-set. The cyclic garbage collector is paused while a
+batch is applied (the batch's objects are freed by reference counting when it
+ends, instead of being promoted and rescanned by full collections).
 """
 
 from __future__ import annotations
@@ -25,27 +27,29 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
+import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import asyncpg
 import structlog
-from sqlalchemy import ColumnElement, String, Table, any_, delete, func, insert, literal, select, update
 from sqlalchemy import Row as SqlRow
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, CursorResult, Dialect, Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.schema import CreateSchema
-from sqlalchemy.sql import Executable
 
 from bus.envelope import utcnow
 from bus.kinds import Aggregate
 from manager.projections import tables as t
-from manager.projections.engine import DEFAULT_URL, create_blocking_engine, create_engine, normalise_url
+from manager.projections.engine import DEFAULT_URL, create_engine, normalise_url, open_sqlite, sqlite_file
 from manager.projections.errors import (
     InvalidEvent,
     ProjectionConflict,
@@ -53,20 +57,31 @@ from manager.projections.errors import (
     ProjectionGap,
     ProjectionStoreError,
 )
-from manager.projections.fold import RootState, aggregate_of, fold_event, state_from_json, state_to_json
-from manager.projections.rows import OWNED, Row, Rows, rows_for
+from manager.projections.fold import JsonState, aggregate_of, fold_json
+from manager.projections.rows import OWNED, Row, rows_for
+from manager.projections.sql import (
+    AlchemySql,
+    PgSql,
+    Serialized,
+    Sql,
+    SqliteSql,
+    Statements,
+    Values,
+    dumps_json,
+    loads_json,
+)
 from manager.store.recorder import StoredEvent
 
 log = structlog.get_logger(__name__)
 
-# Bound on bound parameters per IN list (SQLite's limit is far higher; PostgreSQL's is 32767).
+# Most ids per load or delete statement.
 _CHUNK = 500
 _CONFLICT_RETRIES = 3
-#: Folded roots kept in memory between batches (see :class:`_Cached`).
+#: Folded roots kept in memory between batches (see :data:`_Cached`).
 DEFAULT_CACHE_SIZE = 10_000
 #: Events per transaction when replaying the stream: a root touched several times in one
 #: batch has its rows written once, so replays go faster with batches of a few thousand.
-REPLAY_BATCH = 10_000
+REPLAY_BATCH = 5_000
 
 
 @dataclass(frozen=True)
@@ -128,55 +143,57 @@ class AggregateView:
     updated_at: dt.datetime
 
 
+#: A root's relational rows as written, per table of :data:`OWNED` (driver values, in key order).
+Written = tuple[tuple[Values, ...], ...]
+
+
 @dataclass
 class _Root:
     """A root being folded within one batch."""
 
     aggregate: Aggregate
     id: str
-    state: RootState
+    state: JsonState
     version: int
-    updated_at: dt.datetime | None
+    text: str | None
+    """``state`` as JSON text (as stored; set anew when it changes)."""
     changed: bool = False
-    written: Rows | None = None
+    updated_at: dt.datetime | None = None
+    written: Written | None = None
     """Its relational rows as this projector last wrote them (None: unknown, rewrite them all)."""
 
 
-@dataclass(frozen=True)
-class _Cached:
-    """A root's folded state, and the rows this projector wrote for it, as committed at ``version``.
+_Cached = tuple[int, str | None, Written | None]
+"""A root's version, folded state (JSON text) and the rows this projector wrote for it, as committed.
 
-    Valid while the stored position is the one the cache was committed at: only a
-    projector moves the position, and the fold is deterministic, so the database then
-    holds exactly these states and rows. The batch skips reading and re-validating the
-    stored JSON, and leaves alone the tables whose rows did not change.
-    """
-
-    version: int
-    state: RootState
-    written: Rows | None
+Valid while the stored position is the one the cache was committed at: only a
+projector moves the position, and the fold is deterministic, so the database then
+holds exactly these states and rows. The batch skips reading the stored JSON, and
+leaves alone the tables whose rows did not change. Plain tuples of strings and
+numbers only: the garbage collector untracks them, so a large cache costs no
+collection time.
+"""
 
 
-class _BlockingConnection:
-    """A blocking SQLAlchemy connection behind the awaitable ``execute`` the apply path uses.
-
-    Its ``execute`` never suspends, so a whole batch runs to completion in the worker
-    thread without an event loop (see :meth:`Projector._apply_blocking`).
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    @property
-    def dialect(self) -> Dialect:
-        return self._conn.dialect
-
-    async def execute(self, statement: Executable, parameters: Any = None) -> CursorResult[Any]:
-        return self._conn.execute(statement, parameters)
+_Applied = tuple["ApplyResult", list[_Root] | None]
 
 
-#: What the apply path writes through: the async engine's connection, or the blocking one.
-_Conn = AsyncConnection | _BlockingConnection
+def _audit_values(ev: StoredEvent, st: Statements) -> Values:
+    """The ``events`` row of one event, in column order."""
+    return st.spec(t.events).convert(
+        {
+            "position": ev.position,
+            "aggregate_type": ev.aggregate_type,
+            "aggregate_id": ev.aggregate_id,
+            "event_type": ev.event_type,
+            "actor": ev.actor,
+            "msg_id": ev.msg_id,
+            "correlation_id": ev.correlation_id,
+            "causation_id": ev.causation_id,
+            "timestamp": _utc(ev.timestamp),
+            "data": ev.data,
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -186,7 +203,7 @@ def _db_errors(what: str) -> Iterator[None]:
         yield
     except ProjectionError:
         raise
-    except (SQLAlchemyError, OSError) as exc:
+    except (SQLAlchemyError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise ProjectionStoreError(f"{what} failed: {exc}", details={"error": type(exc).__name__}) from exc
 
 
@@ -196,8 +213,9 @@ class _GcPause:
     Folding a batch allocates many container objects that live until the batch
     ends; with the collector running they survive the young generations and
     trigger full collections of the whole heap several times per batch. Paused,
-    they are freed by reference counting when the batch ends. Process-wide but
-    nested safely; never re-enables a collector that was disabled before.
+    they are freed by reference counting when the batch ends (what the cache keeps
+    is strings and tuples, which the collector untracks). Process-wide but nested
+    safely; never re-enables a collector that was disabled before.
     """
 
     def __init__(self) -> None:
@@ -221,7 +239,8 @@ class _GcPause:
                 gc.enable()
 
 
-_gc_paused = _GcPause()
+gc_paused = _GcPause()
+"""Pause the cyclic garbage collector for a batch (the runner holds it from fetch to ack)."""
 
 
 def _fresh(events: Sequence[Incoming], after: int) -> list[Incoming]:
@@ -229,57 +248,9 @@ def _fresh(events: Sequence[Incoming], after: int) -> list[Incoming]:
     return sorted({e.position: e for e in events if e.position > after}.values(), key=lambda e: e.position)
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i : i + _CHUNK]
-
-
-def _among(col: Any, ids: Sequence[str], dialect: str) -> ColumnElement[bool]:
-    """``col IN ids``; on PostgreSQL ``col = ANY(:ids)``, one statement text (prepared once) for any count."""
-    if dialect == "postgresql":
-        return col == any_(literal(list(ids), postgresql.ARRAY(String)))  # type: ignore[no-any-return]
-    return col.in_(ids)  # type: ignore[no-any-return]
-
-
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite keeps no offset: every stored timestamp is UTC.
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def _no_nul(value: Any) -> Any:
-    # PostgreSQL text refuses NUL characters, and model strings (names...) do not forbid them.
-    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
-
-
-def _has_nul(row: Row) -> bool:
-    return any(v.__class__ is str and "\x00" in v for v in row.values())
-
-
-def _clean(rows: list[Row]) -> list[Row]:
-    """Strings cleaned so that no odd value can fail the batch."""
-    return [{k: _no_nul(v) for k, v in r.items()} if _has_nul(r) else r for r in rows]
-
-
-async def _insert(conn: _Conn, table: Table, rows: list[Row]) -> None:
-    """One executemany."""
-    await conn.execute(insert(table), _clean(rows))
-
-
-_UPSERTS: dict[tuple[str, Table], Any] = {}
-
-
-async def _upsert(conn: _Conn, table: Table, rows: list[Row]) -> None:
-    """One executemany of ``INSERT ... ON CONFLICT (primary key) DO UPDATE``."""
-    dialect = conn.dialect.name
-    stmt = _UPSERTS.get((dialect, table))
-    if stmt is None:
-        ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-        pk = [c.name for c in table.primary_key.columns]
-        stmt = ins.on_conflict_do_update(
-            index_elements=pk, set_={c.name: ins.excluded[c.name] for c in table.columns if c.name not in pk}
-        )
-        _UPSERTS[(dialect, table)] = stmt
-    await conn.execute(stmt, _clean(rows))
 
 
 def _one_row_per_root(table: Table, col: Any) -> bool:
@@ -310,6 +281,17 @@ def _plain(row: SqlRow[Any]) -> dict[str, Any]:
     return {k: _utc(v) if isinstance(v, dt.datetime) else v for k, v in row._mapping.items()}
 
 
+def _run_to_end(step: Coroutine[Any, Any, _Applied]) -> _Applied:
+    """Run a coroutine that never suspends (the blocking SQLite path) without an event loop."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        result: _Applied = done.value
+        return result
+    step.close()
+    raise RuntimeError("applying a batch on the blocking connection suspended")
+
+
 class Projector:
     """SQL read models of the event stream (SQLite by default, PostgreSQL by URL).
 
@@ -336,12 +318,14 @@ class Projector:
         self.name = name
         self.schema = schema
         self.engine = create_engine(self.url, schema=schema, echo=echo)
-        self._blocking = create_blocking_engine(self.url, echo=echo)
-        """SQLite file: batches are applied on this engine in :attr:`_worker` (one thread hop per batch)."""
+        self._sqlite_path = sqlite_file(self.url)
+        """SQLite file: batches are applied on a blocking connection in :attr:`_worker`."""
         self._worker: ThreadPoolExecutor | None = None
-        self._writer: AsyncConnection | None = None
-        """PostgreSQL: the connection batches are applied on, kept between batches (no pool
-        check-out, pre-ping and reset per batch); dropped on any error."""
+        self._sqlite: sqlite3.Connection | None = None
+        """The worker thread's connection (opened there, kept between batches)."""
+        self._pg: PoolProxiedConnection | None = None
+        """PostgreSQL: the pooled connection whose asyncpg connection applies batches, kept between
+        batches (no check-out, pre-ping and reset per batch); dropped on any error."""
         self.cache_size = cache_size
         self.pause_gc = pause_gc
         self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
@@ -354,13 +338,12 @@ class Projector:
         self._log = log.bind(projection=name, db=self.url.render_as_string(hide_password=True))
 
     async def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every connection."""
         await self._drop_writer()
         await self.engine.dispose()
         if self._worker is not None:
-            blocking, worker, self._worker = self._blocking, self._worker, None
-            if blocking is not None:  # its connections belong to the worker thread: dispose of them there
-                await asyncio.get_running_loop().run_in_executor(worker, blocking.dispose)
+            worker, self._worker = self._worker, None
+            await asyncio.get_running_loop().run_in_executor(worker, self._close_sqlite)
             worker.shutdown(wait=False)
 
     async def __aenter__(self) -> Projector:
@@ -394,11 +377,13 @@ class Projector:
         refused (gap) and restarts its consumer from the rebuilt position.
         """
         start = time.perf_counter()
-        self._forget()
-        self._committed = None
-        with _db_errors("rebuild"):
-            async with self.engine.begin() as conn:
-                await conn.run_sync(t.metadata.drop_all)
+        async with self._applying:
+            self._forget()
+            self._committed = None
+            await self._drop_writer()  # its prepared statements name the tables about to be dropped
+            with _db_errors("rebuild"):
+                async with self.engine.begin() as conn:
+                    await conn.run_sync(t.metadata.drop_all)
         await self.create_schema()
         result = await self.catch_up(source, batch_size=batch_size)
         elapsed = time.perf_counter() - start
@@ -408,19 +393,40 @@ class Projector:
         return dataclasses.replace(result, elapsed=elapsed)
 
     async def catch_up(self, source: EventSource, *, batch_size: int = REPLAY_BATCH) -> RebuildResult:
-        """Apply everything ``source`` holds after the stored position (a one-shot runner)."""
+        """Apply everything ``source`` holds after the stored position (a one-shot runner).
+
+        The next batch is read from ``source`` while the previous one is being applied.
+        """
         start = time.perf_counter()
         count = errors = 0
         position = await self.position()
+        pending: asyncio.Task[ApplyResult] | None = None
         batch: list[Incoming] = []
-        async for ev in source.read_all(position):
-            batch.append(ev)
-            if len(batch) >= batch_size:
-                res = await self.apply(batch, allow_gap=True)  # the source is the stream: its gaps are real
-                count, errors, position, batch = count + len(batch), errors + res.errors, res.position, []
-        if batch:
-            res = await self.apply(batch, allow_gap=True)
-            count, errors, position = count + len(batch), errors + res.errors, res.position
+
+        async def settle() -> None:
+            nonlocal count, errors, position, pending
+            if pending is not None:
+                task, pending = pending, None
+                res = await task
+                count, errors, position = count + res.applied + res.skipped, errors + res.errors, res.position
+
+        try:
+            async for ev in source.read_all(position):
+                batch.append(ev)
+                if len(batch) >= batch_size:
+                    await settle()
+                    # the source is the stream: its gaps are real
+                    pending = asyncio.create_task(self.apply(batch, allow_gap=True))
+                    batch = []
+            await settle()
+            if batch:
+                pending = asyncio.create_task(self.apply(batch, allow_gap=True))
+                await settle()
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
         return RebuildResult(count=count, elapsed=time.perf_counter() - start, position=position, errors=errors)
 
     # --- applying -----------------------------------------------------------------------------------
@@ -444,23 +450,9 @@ class Projector:
         attempt = 1
         while True:
             try:
-                with _db_errors("apply"), _gc_paused(self.pause_gc):
+                with _db_errors("apply"), gc_paused(self.pause_gc):
                     try:
-                        if self._blocking is not None:
-                            if self._worker is None:
-                                self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"projector-{self.name}")
-                            loop = asyncio.get_running_loop()
-                            res, roots = await loop.run_in_executor(
-                                self._worker, self._apply_blocking, self._blocking, events, allow_gap
-                            )
-                        elif self.url.get_backend_name() == "postgresql":
-                            if self._writer is None:
-                                self._writer = await self.engine.connect()
-                            async with self._writer.begin():
-                                res, roots = await self._apply(self._writer, events, allow_gap)
-                        else:
-                            async with self.engine.begin() as conn:
-                                res, roots = await self._apply(conn, events, allow_gap)
+                        res, roots = await self._apply_once(events, allow_gap)
                     except BaseException:
                         self._committed = None  # the commit may have happened: read the position next time
                         await self._drop_writer()
@@ -468,6 +460,7 @@ class Projector:
                     self._committed = res.position
                     if roots is not None:  # committed: only now may later batches rely on these states
                         self._remember(roots, res.position)
+                        roots.clear()  # the executor's future may outlive the call: free the states now
                 return dataclasses.replace(res, committed_at=utcnow())
             except ProjectionConflict:
                 # Someone else applied meanwhile: re-reading the position turns their work into skips.
@@ -475,38 +468,68 @@ class Projector:
                     raise
                 self._log.info("projection_conflict_retry", attempt=attempt)
                 attempt += 1
+            except ProjectionStoreError as exc:
+                # A prepared statement outlived a schema change (a rebuild elsewhere): once more, afresh.
+                if attempt >= _CONFLICT_RETRIES or not isinstance(exc.__cause__, asyncpg.InvalidCachedStatementError):
+                    raise
+                attempt += 1
+
+    async def _apply_once(self, events: Sequence[Incoming], allow_gap: bool) -> _Applied:
+        """One transaction on the backend's write connection."""
+        if self._sqlite_path is not None:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"projector-{self.name}")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._worker, self._apply_sqlite, events, allow_gap)
+        if self.url.get_backend_name() == "postgresql":
+            if self._pg is None:
+                self._pg = await self.engine.raw_connection()
+            conn: asyncpg.Connection = self._pg.driver_connection
+            async with conn.transaction():
+                return await self._apply(PgSql(conn, self.schema), events, allow_gap)
+        async with self.engine.begin() as aconn:  # in-memory SQLite: the engine's one connection
+            return await self._apply(AlchemySql(aconn), events, allow_gap)
+
+    def _apply_sqlite(self, events: Sequence[Incoming], allow_gap: bool) -> _Applied:
+        """:meth:`_apply` in one ``BEGIN IMMEDIATE`` transaction (runs in the worker thread)."""
+        conn = self._sqlite
+        if conn is None:
+            assert self._sqlite_path is not None
+            conn = self._sqlite = open_sqlite(self._sqlite_path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock first: two writers queue instead of deadlocking
+            result = _run_to_end(self._apply(SqliteSql(conn), events, allow_gap))
+            conn.execute("COMMIT")
+        except BaseException:
+            self._close_sqlite()  # rolls back whatever is open; the next batch reconnects
+            raise
+        return result
+
+    def _close_sqlite(self) -> None:
+        conn, self._sqlite = self._sqlite, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     async def _drop_writer(self) -> None:
-        writer, self._writer = self._writer, None
+        writer, self._pg = self._pg, None
         if writer is not None:
             with contextlib.suppress(Exception):  # it may be the broken one
-                await writer.close()
+                writer.invalidate()
 
-    def _apply_blocking(
-        self, engine: Engine, events: Sequence[Incoming], allow_gap: bool
-    ) -> tuple[ApplyResult, Iterable[_Root] | None]:
-        """:meth:`_apply` in one transaction of the blocking engine (runs in the worker thread)."""
-        with engine.begin() as conn:
-            step = self._apply(_BlockingConnection(conn), events, allow_gap)
-            try:
-                step.send(None)
-            except StopIteration as done:
-                result: tuple[ApplyResult, Iterable[_Root] | None] = done.value
-                return result
-            step.close()
-            raise RuntimeError("applying a batch on the blocking engine suspended")
-
-    async def _apply(
-        self, conn: _Conn, events: Sequence[Incoming], allow_gap: bool
-    ) -> tuple[ApplyResult, Iterable[_Root] | None]:
+    async def _apply(self, sql: Sql, events: Sequence[Incoming], allow_gap: bool) -> _Applied:
         known = self._committed
         if known is not None:
             # Fast path: the batch follows our last commit; one compare-and-set checks that
             # nobody moved the position since (else read it and start over).
             fresh = _fresh(events, known)
-            if fresh and fresh[0].position == known + 1 and await self._cas(conn, known, fresh[-1].position):
-                return await self._project(conn, events, fresh, known)
-        stored = await self._read_position(conn, lock=True)
+            if (
+                fresh
+                and fresh[0].position == known + 1
+                and await sql.cas(self.name, known, fresh[-1].position, utcnow())
+            ):
+                return await self._project(sql, events, fresh, known)
+        stored = await sql.position(self.name, lock=True)
         base = stored or 0
         fresh = _fresh(events, base)
         if not fresh:
@@ -518,38 +541,39 @@ class Projector:
                     details={"position": base, "first": fresh[0].position},
                 )
             self._log.warning("projection_gap", position=base, first=fresh[0].position)
-        await self._advance(conn, stored, fresh[-1].position)
-        return await self._project(conn, events, fresh, base)
+        await self._advance(sql, stored, fresh[-1].position)
+        return await self._project(sql, events, fresh, base)
 
     async def _project(
-        self, conn: _Conn, events: Sequence[Incoming], fresh: list[Incoming], base: int
-    ) -> tuple[ApplyResult, Iterable[_Root]]:
+        self, sql: Sql, events: Sequence[Incoming], fresh: list[Incoming], base: int
+    ) -> tuple[ApplyResult, list[_Root]]:
         """Write ``fresh`` (the events after ``base``, the position already moved past them)."""
         if base != self._cache_at:  # another projector or a rebuild moved the position: cache is stale
             self._forget()
         good = [e for e in fresh if isinstance(e, StoredEvent)]
         errors = [self._error_row(e, e.error) for e in fresh if isinstance(e, UndecodableEvent)]
         if good:
-            await _insert(conn, t.events, [self._audit_row(e) for e in good])
-        roots = await self._load_roots(conn, good, errors)
+            await sql.insert(sql.st.spec(t.events), [_audit_values(e, sql.st) for e in good])
+        roots = await self._load_roots(sql, good, errors)
         for ev in good:
             root = roots.get((ev.aggregate_type, ev.aggregate_id))
             if root is None:  # its aggregate type or stored state was refused: already in errors
                 continue
             try:
-                root.state = fold_event(root.aggregate, root.state, ev)
+                root.state = fold_json(root.aggregate, root.state, ev)
             except InvalidEvent as exc:
                 errors.append(self._error_row(ev, exc.message))
                 continue
             root.version, root.updated_at, root.changed = ev.position, ev.timestamp, True
-        await self._write_roots(conn, [r for r in roots.values() if r.changed])
+        await self._write_roots(sql, [r for r in roots.values() if r.changed])
         if errors:
-            await _insert(conn, t.projection_errors, errors)
+            spec = sql.st.spec(t.projection_errors)
+            await sql.insert(spec, [spec.convert(e) for e in errors])
             for e in errors:
                 self._log.warning("projection_event_skipped", **{k: v for k, v in e.items() if k != "recorded_at"})
         new = fresh[-1].position
         result = ApplyResult(applied=len(fresh), skipped=len(events) - len(fresh), errors=len(errors), position=new)
-        return result, roots.values()
+        return result, list(roots.values())
 
     def _forget(self) -> None:
         self._cache.clear()
@@ -558,58 +582,32 @@ class Projector:
     def _remember(self, roots: Iterable[_Root], position: int) -> None:
         cache = self._cache
         for r in roots:
-            key = (r.aggregate, r.id)  # a StrEnum: equal to (and hashed as) the aggregate type string
-            cache[key] = _Cached(r.version, r.state, r.written)
+            key = (r.aggregate.value, r.id)
+            cache[key] = (r.version, r.text, r.written)
             cache.move_to_end(key)
         while len(cache) > self.cache_size:
             cache.popitem(last=False)
         self._cache_at = position
 
-    async def _read_position(self, conn: _Conn, *, lock: bool = False) -> int | None:
-        pp = t.projection_position
-        stmt = select(pp.c.position).where(pp.c.name == self.name)
-        if lock:
-            stmt = stmt.with_for_update()  # PostgreSQL: serialise projectors; SQLite ignores it
-        value = (await conn.execute(stmt)).scalar_one_or_none()
-        return None if value is None else int(value)
-
-    async def _cas(self, conn: _Conn, expected: int, new: int) -> bool:
-        """Move the position from ``expected`` to ``new``; False if it is not at ``expected``."""
-        pp = t.projection_position
-        res = await conn.execute(
-            update(pp)
-            .where(pp.c.name == self.name, pp.c.position == expected)
-            .values(position=new, updated_at=utcnow())
-        )
-        return bool(res.rowcount == 1)
-
-    async def _advance(self, conn: _Conn, stored: int | None, new: int) -> None:
+    async def _advance(self, sql: Sql, stored: int | None, new: int) -> None:
         """Compare-and-set the position: the guard that makes applying exactly-once."""
-        pp = t.projection_position
         now = utcnow()
         if stored is None:  # no row yet (create_schema inserts one): the primary key is the guard
-            try:
-                await conn.execute(insert(pp).values(name=self.name, position=new, updated_at=now))
-            except IntegrityError as exc:
-                raise ProjectionConflict(f"projection {self.name!r} was started concurrently") from exc
+            await sql.create_position(self.name, new, now)
             return
-        res = await conn.execute(
-            update(pp).where(pp.c.name == self.name, pp.c.position == stored).values(position=new, updated_at=now)
-        )
-        if res.rowcount != 1:
+        if not await sql.cas(self.name, stored, new, now):
             raise ProjectionConflict(
                 f"projection {self.name!r} moved past {stored} concurrently", details={"expected": stored}
             )
 
     async def _load_roots(
-        self, conn: _Conn, good: Sequence[StoredEvent], errors: list[Row]
+        self, sql: Sql, good: Sequence[StoredEvent], errors: list[Row]
     ) -> dict[tuple[str, str], _Root]:
         """Current state of every root the batch touches: from the cache, else from ``aggregates``."""
         wanted: dict[str, dict[str, list[StoredEvent]]] = {}
         for ev in good:
             wanted.setdefault(ev.aggregate_type, {}).setdefault(ev.aggregate_id, []).append(ev)
         roots: dict[tuple[str, str], _Root] = {}
-        a = t.aggregates
         cache = self._cache
         for agg_type, by_id in wanted.items():
             try:
@@ -618,31 +616,29 @@ class Projector:
                 errors += [self._error_row(ev, exc.message) for evs in by_id.values() for ev in evs]
                 continue
             missing: list[str] = []
+            found: dict[str, tuple[int, str | None, Written | None]] = {}
             for agg_id in by_id:
                 hit = cache.get((agg_type, agg_id))
                 if hit is None:
                     missing.append(agg_id)
                 else:
-                    roots[(agg_type, agg_id)] = _Root(agg, agg_id, hit.state, hit.version, None, written=hit.written)
-            stored: dict[str, SqlRow[Any]] = {}
-            for chunk in _chunks(missing):
-                q = select(a.c.aggregate_id, a.c.version, a.c.state, a.c.updated_at).where(
-                    a.c.aggregate_type == agg_type, _among(a.c.aggregate_id, chunk, conn.dialect.name)
-                )
-                stored |= {row.aggregate_id: row for row in await conn.execute(q)}
-            for agg_id in missing:
-                row = stored.get(agg_id)
+                    found[agg_id] = hit
+            for i in range(0, len(missing), _CHUNK):
+                for agg_id, version, text in await sql.load(agg_type, missing[i : i + _CHUNK]):
+                    found[agg_id] = (version, text, None)
+            for agg_id in by_id:
+                version, text, written = found.get(agg_id, (0, None, None))
                 try:
-                    state = state_from_json(agg, row.state if row else None)
-                except InvalidEvent as exc:
-                    errors += [self._error_row(ev, exc.message) for ev in by_id[agg_id]]
+                    state = None if text is None else loads_json(text)
+                except ValueError:
+                    errors += [
+                        self._error_row(ev, "stored state is not JSON; rebuild the projection") for ev in by_id[agg_id]
+                    ]
                     continue
-                roots[(agg_type, agg_id)] = _Root(
-                    agg, agg_id, state, int(row.version) if row else 0, row.updated_at if row else None
-                )
+                roots[(agg_type, agg_id)] = _Root(agg, agg_id, state, version, text, written=written)
         return roots
 
-    async def _write_roots(self, conn: _Conn, roots: list[_Root]) -> None:
+    async def _write_roots(self, sql: Sql, roots: list[_Root]) -> None:
         """Rewrite the rows of the changed roots.
 
         ``aggregates`` and one-row-per-root tables are upserted; other tables get the
@@ -650,66 +646,56 @@ class Projector:
         what this projector wrote for its previous version (known from the cache) is
         left alone.
         """
-        a = t.aggregates
-        upserts: dict[Table, list[Row]] = {a: []}
-        inserts: dict[Table, list[Row]] = {}
-        stale: dict[Table, tuple[Any, list[str]]] = {}
+        st = sql.st
+        agg_spec = st.spec(t.aggregates)
+        upserts: dict[Table, list[Values]] = {t.aggregates: []}
+        inserts: dict[Table, list[Values]] = {}
+        stale: dict[Table, tuple[str, list[str]]] = {}
         for r in roots:
             agg = r.aggregate
             assert r.updated_at is not None  # set by the event that changed it
-            state = state_to_json(r.state)
+            state = r.state
+            r.text = None if state is None else dumps_json(state)
             at = _utc(r.updated_at)
-            upserts[a].append(
-                {
-                    "aggregate_type": agg.value,
-                    "aggregate_id": r.id,
-                    "version": r.version,
-                    "deleted": state is None,
-                    "state": state,
-                    "updated_at": at,
-                }
+            upserts[t.aggregates].append(
+                agg_spec.convert(
+                    {
+                        "aggregate_type": agg.value,
+                        "aggregate_id": r.id,
+                        "version": r.version,
+                        "deleted": state is None,
+                        "state": None if r.text is None else Serialized(r.text),
+                        "updated_at": at,
+                    }
+                )
             )
-            owned: Rows = {
-                table: _in_key_order(table, rows) for table, rows in rows_for(agg, state, r.version, at).items()
-            }
+            owned = rows_for(agg, state, r.version, at)
             before = r.written
             single = _SINGLE[agg]
-            for table, col in OWNED[agg]:
-                rows = owned.get(table, [])
-                if before is not None and before.get(table, []) == rows:
+            written: list[tuple[Values, ...]] = []
+            for i, (table, col) in enumerate(OWNED[agg]):
+                spec = st.spec(table)
+                rows = tuple(spec.convert(row) for row in _in_key_order(table, owned.get(table, [])))
+                written.append(rows)
+                if before is not None and before[i] == rows:
                     continue
                 if rows and table in single:
                     upserts.setdefault(table, []).extend(rows)
                     continue
-                stale.setdefault(table, (col, []))[1].append(r.id)
+                stale.setdefault(table, (col.name, []))[1].append(r.id)
                 inserts.setdefault(table, []).extend(rows)
-            r.written = owned
-        for table, (col, ids) in stale.items():
-            for chunk in _chunks(ids):
-                await conn.execute(delete(table).where(_among(col, chunk, conn.dialect.name)))
-        for table, rows in upserts.items():
-            if rows:
-                await _upsert(conn, table, rows)
-        for table, rows in inserts.items():
-            if rows:
-                await _insert(conn, table, rows)
-
-    def _audit_row(self, ev: StoredEvent) -> Row:
-        return {
-            "position": ev.position,
-            "aggregate_type": ev.aggregate_type,
-            "aggregate_id": ev.aggregate_id,
-            "event_type": ev.event_type,
-            "actor": ev.actor,
-            "msg_id": ev.msg_id,
-            "correlation_id": ev.correlation_id,
-            "causation_id": ev.causation_id,
-            "timestamp": _utc(ev.timestamp),
-            "data": ev.data,
-        }
+            r.written = tuple(written)
+        for table, (column, ids) in stale.items():
+            for i in range(0, len(ids), _CHUNK):
+                await sql.delete(st.spec(table), column, ids[i : i + _CHUNK])
+        for table, values in upserts.items():
+            if values:
+                await sql.upsert(st.spec(table), values)
+        for table, values in inserts.items():
+            if values:
+                await sql.insert(st.spec(table), values)
 
     def _error_row(self, ev: Incoming, error: str) -> Row:
-        # Every row has every key: an executemany takes its columns from the first row.
         row: Row = {
             "projection": self.name,
             "position": ev.position,
@@ -732,6 +718,11 @@ class Projector:
             "aggregate_id": ev.aggregate_id,
             "event_type": ev.event_type,
         }
+
+    async def _read_position(self, conn: AsyncConnection) -> int | None:
+        pp = t.projection_position
+        value = (await conn.execute(select(pp.c.position).where(pp.c.name == self.name))).scalar_one_or_none()
+        return None if value is None else int(value)
 
     # --- queries ------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Keeps a :class:`Projector` current: a durable JetStream pull consumer on ``SF_EVENTS``.
 
 Batches are fetched (up to ``batch_size``, short timeout so lag stays low),
-applied in one transaction, and only then acknowledged. A crash between
-commit and ack causes a redelivery that the projector's position check skips.
+applied in one transaction, and only then acknowledged, by one ack of the
+batch's last message (``AckPolicy.ALL``). A crash between commit and ack causes
+a redelivery that the projector's position check skips.
 An idle runner waits for one event, then takes whatever else is already there:
 a pull for N messages that finds none waiting would hold the first event back
 until N arrive or the fetch times out.
@@ -32,8 +33,8 @@ from bus.connection import Bus
 from bus.errors import BusError, BusUnavailable
 from bus.subjects import EVENTS_ALL, EVENTS_STREAM
 from manager.projections.errors import ProjectionError, ProjectionGap
-from manager.projections.projector import Incoming, Projector
-from manager.projections.stream import decode_message
+from manager.projections.projector import Incoming, Projector, gc_paused
+from manager.projections.stream import decode_message, position_and_pending
 from manager.store.recorder import StoredEvent
 
 log = structlog.get_logger(__name__)
@@ -62,8 +63,15 @@ CommitHook = Callable[[Committed], None]
 def _pending(msg: Msg) -> int:
     """Messages the consumer still had to deliver after ``msg``."""
     try:
-        return int(msg.metadata.num_pending or 0)
+        return position_and_pending(msg)[1]
     except (nats.errors.NotJSMessageError, ValueError, IndexError):  # not a JetStream reply subject
+        return 0
+
+
+def _stream_seq(msg: Msg) -> int:
+    try:
+        return position_and_pending(msg)[0]
+    except (nats.errors.NotJSMessageError, ValueError, IndexError):
         return 0
 
 
@@ -195,19 +203,23 @@ class ProjectionRunner:
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        events = [decode_message(m) for m in msgs]
-        before = self.position
-        try:
-            res = await self.projector.apply(events, allow_gap=self._allow_gap)
-        except ProjectionError:
-            for m in msgs:  # hand them back at once rather than after ack_wait
-                with contextlib.suppress(Exception):
-                    await m.nak()
-            raise
-        self._allow_gap = False
-        for m in msgs:  # after the commit: a lost ack only causes a redelivery, which is skipped
-            await m.ack()
-        fresh = [e for e in events if e.position > before]
+        # The collector stays paused from decoding to the ack: the batch's objects die together,
+        # freed by reference counting, instead of being promoted while the batch is applied.
+        with gc_paused(self.projector.pause_gc):
+            events = [decode_message(m) for m in msgs]
+            before = self.position
+            try:
+                res = await self.projector.apply(events, allow_gap=self._allow_gap)
+            except ProjectionError:
+                for m in msgs:  # hand them back at once rather than after ack_wait
+                    with contextlib.suppress(Exception):
+                        await m.nak()
+                raise
+            self._allow_gap = False
+            # After the commit, one ack for the batch (AckPolicy.ALL: it acknowledges every message up
+            # to the last); a lost ack only causes a redelivery, which the position check skips.
+            await max(msgs, key=_stream_seq).ack()
+            fresh = [e for e in events if e.position > before]
         await self._committed(fresh, res.errors, res.committed_at, res.position)
 
     async def _committed(self, fresh: list[Incoming], errors: int, at: dt.datetime, position: int) -> None:
@@ -240,7 +252,12 @@ class ProjectionRunner:
     def _agrees(self, info: ConsumerInfo, position: int) -> bool:
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         pending = info.num_ack_pending or 0
-        same = info.config.filter_subject == EVENTS_ALL and floor == position and pending == 0
+        same = (
+            info.config.filter_subject == EVENTS_ALL
+            and info.config.ack_policy == AckPolicy.ALL
+            and floor == position
+            and pending == 0
+        )
         if not same:
             self._log.info("projection_consumer_disagrees", ack_floor=floor, ack_pending=pending, position=position)
         return same
@@ -261,7 +278,7 @@ class ProjectionRunner:
                 durable_name=self.durable_name,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=position + 1,
-                ack_policy=AckPolicy.EXPLICIT,
+                ack_policy=AckPolicy.ALL,
                 ack_wait=self.ack_wait,
                 max_ack_pending=self.max_ack_pending,
                 max_deliver=-1,

@@ -40,9 +40,27 @@ def _check_subject(subject: str) -> None:
     _GOOD_SUBJECTS[subject] = None
 
 
+def position_and_pending(msg: Msg) -> tuple[int, int]:
+    """Stream sequence of a JetStream message and the messages pending after it, from its reply subject.
+
+    The two numbers the projections need, without building the client's whole metadata object.
+
+    Raises:
+        nats.errors.NotJSMessageError: not a JetStream reply subject.
+    """
+    tokens = (msg.reply or "").split(".")
+    if tokens[0] == "$JS" and len(tokens) > 1 and tokens[1] == "ACK":
+        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            return int(tokens[5]), int(tokens[8])
+        if len(tokens) >= 11:  # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            return int(tokens[7]), int(tokens[10])
+    md = msg.metadata
+    return int(md.sequence.stream), int(md.num_pending or 0)
+
+
 def decode_message(msg: Msg) -> Incoming:
     """A JetStream message of ``SF_EVENTS`` as a stored event, or as undecodable (never raises)."""
-    seq = int(msg.metadata.sequence.stream)
+    seq = position_and_pending(msg)[0]
     try:
         _check_subject(msg.subject)
         return stored_from_message(msg.subject, seq, msg.headers, msg.data)
