@@ -47,6 +47,10 @@ def history() -> list[StoredEvent]:
     return out[:EVENTS]
 
 
+def _report(marker: str, what: dict[str, Any]) -> None:
+    Path(marker).write_text(json.dumps(what))
+
+
 def _child(url: str, schema: str | None, stage: str | None, kill_batch: int, marker: str) -> None:
     """Apply the stream from the stored position; at ``stage`` of batch ``kill_batch``, report and hang."""
     asyncio.run(_child_main(url, schema, stage, kill_batch, marker))
@@ -59,7 +63,7 @@ async def _child_main(url: str, schema: str | None, stage: str | None, kill_batc
 
     def hang(point: str) -> None:
         if point == stage and batch["n"] == kill_batch:
-            Path(marker).write_text(json.dumps({"stage": point, **batch}))
+            _report(marker, {"stage": point, **batch})
             time.sleep(120)  # the parent kills the process here
 
     real_load, real_write, real_remember = Projector._load_roots, Projector._write_roots, Projector._remember
@@ -87,7 +91,7 @@ async def _child_main(url: str, schema: str | None, stage: str | None, kill_batc
         position = res.position
         batch["n"] += 1
     await projector.close()
-    Path(marker).write_text(json.dumps({"stage": "done", **batch}))
+    _report(marker, {"stage": "done", **batch})
 
 
 def _run(url: str, schema: str | None, stage: str | None, kill_batch: int, marker: Path) -> dict[str, Any]:
