@@ -190,14 +190,23 @@ class SagaCoordinator:
     async def start_saga(self, plan: SagaPlan, *, actor: str | None = None) -> SagaState:
         """Record ``saga.created`` (it does not run the saga: see :meth:`run` / :meth:`submit`).
 
+        Starting the same plan again (an operator's retry after a lost reply or a crash) returns
+        the saga as it stands: the first start took effect, and its record is ``saga.created``.
+
         Raises:
-            SagaExists: a saga with that id was already created.
+            SagaExists: a saga with that id was already created with a different plan.
         """
         event = SagaCreated(at=self._clock.now(), plan=plan)
         try:
             stored = await self._write(plan.saga_id, event, expected=0, actor=actor)
         except ConcurrencyConflict as exc:
-            raise SagaExists(f"saga {plan.saga_id} already exists", details={"saga_id": plan.saga_id}) from exc
+            existing = await self.get(plan.saga_id)
+            if existing.plan == plan:
+                self._log.info("saga_start_replayed", saga_id=plan.saga_id, status=existing.status.value)
+                return existing
+            raise SagaExists(
+                f"saga {plan.saga_id} already exists with another plan", details={"saga_id": plan.saga_id}
+            ) from exc
         state = SagaState(saga_id=plan.saga_id).apply(stored)
         self._index.dirty = True
         await self._publish_progress(state, event)

@@ -79,12 +79,16 @@ def test_stack_killed_at_random_during_a_long_saga_completes_every_step_once(tmp
     try:
         started = up.cli("-o", "json", "saga", "start", str(plan_file))
         assert started.returncode == 0, started.stderr
-        for _ in range(KILLS):
+        for kill in range(KILLS):
             # A random instant: during start-up, replay, a step in flight, an append, a reply...
             time.sleep(rng.uniform(0.05, 1.5))
             up.sigkill_all()
             last_kill = dt.datetime.now(dt.UTC)
             up.start()
+            if kill == 0:  # the operator, unsure the start got through, starts the same plan again
+                again = up.cli("-o", "json", "saga", "start", str(plan_file))
+                assert again.returncode == 0, again.stderr
+                assert json.loads(again.stdout)["saga_id"] == saga_id
         view = wait_for(
             lambda: (v := _saga(up, saga_id))["status"] in ("completed", "compensated", "failed") and v,
             300,

@@ -76,6 +76,15 @@ async def test_start_twice_is_refused(coordinator: SagaCoordinator) -> None:
         await coordinator.start_saga(chain_plan("dup", 2))
 
 
+async def test_start_of_the_same_plan_again_returns_the_saga(
+    coordinator: SagaCoordinator, recorder: MemoryRecorder
+) -> None:
+    first = await coordinator.start_saga(chain_plan("again", 2))
+    second = await coordinator.start_saga(chain_plan("again", 2))
+    assert second.saga_id == first.saga_id and second.position == first.position
+    assert len(await recorder.read("saga", "again")) == 1
+
+
 async def test_unknown_saga(coordinator: SagaCoordinator) -> None:
     with pytest.raises(SagaNotFound):
         await coordinator.run("nope")

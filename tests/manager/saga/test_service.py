@@ -105,5 +105,8 @@ async def test_typed_errors(bus: Bus, serving: SagaCoordinator) -> None:
         await command(bus, "saga", "pause", SagaRef(saga_id="fin"), SagaView, identity=OPERATOR)
     from bus.errors import AlreadyExists
 
+    # A retried start of the same plan is answered with the saga as it stands; another plan is refused.
+    again = await command(bus, "saga", "start", StartSaga(plan=chain_plan("fin", 1)), SagaView, identity=OPERATOR)
+    assert again.saga_id == "fin" and again.status is SagaStatus.COMPLETED
     with pytest.raises(AlreadyExists):
-        await command(bus, "saga", "start", StartSaga(plan=chain_plan("fin", 1)), SagaView, identity=OPERATOR)
+        await command(bus, "saga", "start", StartSaga(plan=chain_plan("fin", 2)), SagaView, identity=OPERATOR)
