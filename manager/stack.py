@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,16 @@ class Stack:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _instance_id(self) -> str:
+        """One instance id per home, kept across restarts: a restarted stack takes its saga leases
+        back at once instead of waiting for them to expire (only one ``up`` runs per home)."""
+        path = self.state_dir / "instance"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(uuid.uuid4().hex[:8] + "\n")
+            tmp.replace(path)
+        return path.read_text().strip()
+
     def _port(self, previous: StackInfo | None) -> int:
         """The operator's port, else the one clients already know (if it is free), else a new one."""
         if self.port:
@@ -174,6 +185,7 @@ class Stack:
                 projection_url=f"sqlite+aiosqlite:///{self.state_dir / 'read-models.sqlite'}",
                 saga_seed=seeds[SAGA_ACCOUNT],
                 saga_account=SAGA_ACCOUNT,
+                instance=self._instance_id(),
             )
         )
         await self.manager.start()

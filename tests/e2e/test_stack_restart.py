@@ -48,8 +48,10 @@ def test_sigkilled_up_takes_its_server_along_and_restarts_with_its_data(up: UpPr
     up.sigkill()
     # The kernel tells the server its owner died; it must not linger as an orphan holding the port.
     wait_for(lambda: not pid_alive(nats_pid), 20, "the orphaned nats-server to exit")
+    instance = (up.home / "instance").read_text()
     up.start()
     assert up.nats_pid() != nats_pid
+    assert (up.home / "instance").read_text() == instance  # so the coordinator takes its leases back at once
     assert _overlay_ids(up) == ["before-crash"]
     _create_overlay(up, "after-crash")
     assert _overlay_ids(up) == ["after-crash", "before-crash"]
