@@ -1,28 +1,35 @@
-"""Benchmark of the event store and the SQL projections (issue 3).
+"""Benchmark of the event store and the SQL projections (issue 3; issue 8 part 5).
 
-Figures: events appended per second with optimistic concurrency checks, projection
-lag p50/p99 while appending (SQLite and, if reachable, PostgreSQL), time to rebuild
-the projections from the stream, and signed commands per second through the real
-manager. Targets: >= 5,000 appends/s, projection p99 lag < 100 ms, rebuild of
-100k events < 20 s.
+Figures, for each JetStream fsync policy (``--sync``: ``always``, the embedded
+server's default, and nats-server's own ``2m``) and each database (SQLite and, if
+reachable, PostgreSQL): appends per second with optimistic concurrency checks next
+to raw JetStream publishes of the same payloads at the same concurrency (the
+store's overhead as a ratio), the projection runner's catch-up rate, projection lag
+(from each append's ack to the commit that makes its rows visible) at paced rates,
+the highest rate the store sustains under ``always`` and the lag there, the time to
+rebuild the projections from the stream, and signed commands per second through the
+real manager. Targets: p99 lag < 100 ms at 5,000 appends/s, rebuild of 100k events
+< 10 s.
 
 Run (never two benchmarks at once; see ``bench/README.md``)::
 
-    python -m bench.bench_events --events 100000 --repeat 3 --out docs/benchmarks.md
-    python -m bench.bench_events --events 5000 --repeat 1            # quick
+    flock /tmp/skyferry-bench.lock python -m bench.bench_events --repeat 3 --out docs/benchmarks.md
+    python -m bench.bench_events --events 5000 --repeat 1 --paced-seconds 5         # quick
 
-Each repeat and each database starts a fresh embedded nats-server on a temporary
-store. The projection runner runs in its own process (as a projection worker
-would), so it does not share the writers' event loop; the manager of the command
-figure runs in its own process too.
+Each repeat, fsync policy and database starts a fresh embedded nats-server on a
+temporary store. The projection runner runs in its own process (as a projection
+worker would), so it does not share the writers' event loop; the manager of the
+command figure runs in its own process too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import datetime as dt
+import fcntl
 import gc
 import json
 import math
@@ -45,8 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from nats.js.api import StreamConfig
 
-from bus import signing
+from bus import codec, signing
 from bus.client import Identity, command
 from bus.connection import Bus, BusConfig, ensure_streams
 from bus.errors import ConcurrencyConflict, ErrorCode, SkyferryError
@@ -54,7 +62,7 @@ from bus.kinds import Aggregate
 from bus.logs import configure_logging
 from bus.messages import MESSAGES, WriteResult, event_type
 from bus.models import OverlayNetwork
-from bus.server import EmbeddedNatsServer, find_binary
+from bus.server import DEFAULT_SYNC_INTERVAL, EmbeddedNatsServer, ServerConfig, find_binary
 from bus.subjects import EVENTS_STREAM
 from manager.domain import apply_event
 from manager.projections import Committed, ProjectionRunner, Projector, StreamReader
@@ -74,8 +82,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 TARGET_APPENDS_PER_S = 5_000.0
 TARGET_LAG_P99_MS = 100.0
-TARGET_REBUILD_S_PER_100K = 20.0
-TARGET_REBUILD_PER_S = 100_000 / TARGET_REBUILD_S_PER_100K
+TARGET_LAG_RATE = 5_000
+"""The paced rate the lag target is checked at."""
+TARGET_REBUILD_S_PER_100K = 10.0
+RAW_STREAM = "BENCH_RAW"
+RAW_SUBJECTS = "bench.raw.>"
+#: A paced rate counts as sustained when the writers achieve this share of it.
+SUSTAINED_SHARE = 0.97
+#: The search for the highest sustained rate (``always``) offers this share of the max-rate
+#: throughput first, then of what the writers achieved at the previous offer (at most 80 % of it).
+SUSTAIN_START = 0.9
+SUSTAIN_TRIES = 5
 
 # Read-model tables compared between the live projection and the rebuilt one (the 100k-row
 # audit table is compared by count only).
@@ -90,6 +107,9 @@ class Config:
     """What to run; every field has a command-line flag."""
 
     events: int = 100_000
+    """Events of the max-rate phase (and so of the rebuild) per run with a duration sync policy."""
+    events_always: int = 20_000
+    """The same with ``sync_interval: always`` (fsync-bound: a few thousand per second at most)."""
     repeat: int = 3
     aggregates: int = 2_000
     app_share: float = 0.25
@@ -97,8 +117,12 @@ class Config:
     writers: int = 4
     inflight: int = 16
     """Appends in flight per writer, each on a different aggregate."""
-    paced_rates: tuple[int, ...] = (2_000, 3_000, 5_000)
-    paced_seconds: float = 10.0
+    paced_rates: tuple[int, ...] = (1_000, 2_000, 5_000)
+    paced_seconds: float = 20.0
+    sync: tuple[str, ...] = (DEFAULT_SYNC_INTERVAL, "2m")
+    """JetStream ``sync_interval`` policies, one run each (``always``: fsync before every ack)."""
+    sustain: bool = True
+    """With ``always``: look for the highest paced rate the store sustains (see :data:`SUSTAIN_STEPS`)."""
     backends: tuple[str, ...] = ("sqlite", "postgres")
     pg_url: str = DEFAULT_PG
     runner_batch: int | None = None
@@ -116,11 +140,15 @@ class Config:
     results_dir: Path | None = RESULTS_DIR
     catch_up_timeout: float = 600.0
 
+    def events_for(self, sync: str) -> int:
+        return self.events_always if sync == "always" else self.events
+
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(prog="python -m bench.bench_events", description=__doc__.split("\n\n")[0])
-    p.add_argument("--events", type=int, default=d.events, help="events appended per repeat and database")
+    p.add_argument("--events", type=int, default=d.events, help="events of the max-rate phase (duration sync)")
+    p.add_argument("--events-always", type=int, default=d.events_always, help="the same with sync always")
     p.add_argument("--repeat", type=int, default=d.repeat)
     p.add_argument("--aggregates", type=int, default=d.aggregates)
     p.add_argument("--app-share", type=float, default=d.app_share)
@@ -128,6 +156,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--inflight", type=int, default=d.inflight, help="appends in flight per writer")
     p.add_argument("--paced-rates", default=",".join(map(str, d.paced_rates)), help="comma-separated events/s")
     p.add_argument("--paced-seconds", type=float, default=d.paced_seconds)
+    p.add_argument("--sync", default=",".join(d.sync), help="JetStream sync_interval policies: always,2m")
+    p.add_argument("--no-sustain", action="store_true", help="skip the search for the highest sustained rate")
     p.add_argument("--backends", default=",".join(d.backends), help="sqlite,postgres")
     p.add_argument("--pg-url", default=d.pg_url)
     p.add_argument("--runner-batch", type=int, default=None)
@@ -144,13 +174,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     a = p.parse_args(argv)
     return Config(
         events=a.events,
+        events_always=a.events_always,
         repeat=a.repeat,
-        aggregates=min(a.aggregates, a.events),
+        aggregates=min(a.aggregates, a.events, a.events_always),
         app_share=a.app_share,
         writers=a.writers,
         inflight=a.inflight,
         paced_rates=tuple(int(r) for r in a.paced_rates.split(",") if r.strip()),
         paced_seconds=a.paced_seconds,
+        sync=tuple(x.strip() for x in a.sync.split(",") if x.strip()),
+        sustain=not a.no_sustain,
         backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
         pg_url=a.pg_url,
         runner_batch=a.runner_batch,
@@ -376,6 +409,9 @@ class AppendPhase:
     first_position: int
     last_position: int
     rate: float | None = None
+    mode: str = "store"
+    acks: list[tuple[int, float]] = field(default_factory=list, repr=False)
+    """(stream position, wall-clock time of its ack) of every append (store mode)."""
 
 
 def assign_quota(targets: Sequence[Target], total: int) -> None:
@@ -384,10 +420,31 @@ def assign_quota(targets: Sequence[Target], total: int) -> None:
         tg.quota = base + (1 if i < extra else 0)
 
 
+async def ensure_raw_stream(bus: Bus) -> None:
+    """A stream configured like ``SF_EVENTS`` (file storage, same limits) for raw publishes."""
+    cfg = (await bus.js.stream_info(EVENTS_STREAM)).config
+    raw = StreamConfig.from_response(cfg.as_dict())
+    raw.name, raw.subjects, raw.description = RAW_STREAM, [RAW_SUBJECTS], "bench: raw JetStream publishes"
+    await bus.js.add_stream(raw)
+
+
 async def append_phase(
-    buses: Sequence[Bus], targets: Sequence[Target], total: int, *, inflight: int, tag: str, rate: float | None = None
+    buses: Sequence[Bus],
+    targets: Sequence[Target],
+    total: int,
+    *,
+    inflight: int,
+    tag: str,
+    rate: float | None = None,
+    duration: float | None = None,
+    mode: str = "store",
 ) -> AppendPhase:
-    """Append ``total`` events spread over ``targets``, each with ``expected`` = its last position.
+    """Append ``total`` events spread over ``targets`` (or as many as fit in ``duration`` seconds).
+
+    ``store``: through :class:`JetStreamRecorder`, each with ``expected`` = its aggregate's
+    last position. ``raw``: the same payloads (same sizes, same order) published to
+    :data:`RAW_STREAM` with a plain ``js.publish``: no headers, no concurrency check,
+    no de-duplication, the aggregates' state left as it was.
 
     Writer ``w`` (one bus connection each) owns ``targets[w::len(buses)]`` and keeps up to
     ``inflight`` appends in flight, never two on the same aggregate (the check is per aggregate).
@@ -396,24 +453,38 @@ async def append_phase(
     pacer = Pacer(rate) if rate else None
     latencies: list[float] = []
     positions: list[int] = []
+    acks: list[tuple[int, float]] = []
+    raw_next: dict[str, int] = {tg.id: tg.written for tg in targets}
+    deadline = math.inf if duration is None else time.perf_counter() + duration
 
     async def lane(recorder: JetStreamRecorder, ready: deque[Target]) -> None:
-        while ready:
+        while ready and time.perf_counter() < deadline:
             tg = ready.popleft()
             if pacer is not None:
                 await pacer.take()
-            ev = event_for(tg, tg.written, tag)
-            t0 = time.perf_counter()
-            pos = await recorder.append(tg.kind, tg.id, ev, expected=tg.last)
-            latencies.append(time.perf_counter() - t0)
-            positions.append(pos)
-            tg.first = tg.first or pos
-            tg.last, tg.written, tg.quota = pos, tg.written + 1, tg.quota - 1
+            if mode == "raw":
+                k = raw_next[tg.id]
+                payload = codec.encode(event_for(tg, k, tag).data)
+                t0 = time.perf_counter()
+                ack = await recorder.bus.js.publish(f"bench.raw.{tg.kind}.{tg.id}", payload, timeout=10)
+                latencies.append(time.perf_counter() - t0)
+                positions.append(int(ack.seq))
+                raw_next[tg.id], tg.quota = k + 1, tg.quota - 1
+            else:
+                ev = event_for(tg, tg.written, tag)
+                t0 = time.perf_counter()
+                pos = await recorder.append(tg.kind, tg.id, ev, expected=tg.last)
+                acked = time.time()
+                latencies.append(time.perf_counter() - t0)
+                positions.append(pos)
+                acks.append((pos, acked))
+                tg.first = tg.first or pos
+                tg.last, tg.written, tg.quota = pos, tg.written + 1, tg.quota - 1
             if tg.quota > 0:
                 ready.append(tg)
 
     async def writer(w: int) -> None:
-        recorder = JetStreamRecorder(buses[w])
+        recorder = JetStreamRecorder(buses[w], timeout=30)
         ready = deque(tg for tg in targets[w :: len(buses)] if tg.quota > 0)
         async with asyncio.TaskGroup() as tg_:
             for _ in range(inflight):
@@ -432,6 +503,8 @@ async def append_phase(
         first_position=min(positions, default=0),
         last_position=max(positions, default=0),
         rate=rate,
+        mode=mode,
+        acks=acks,
     )
 
 
@@ -493,7 +566,7 @@ async def _projector_main(spec: ProjectorSpec, ready: MpEvent, stop: MpEvent) ->
     clock = GcClock()
     gc.callbacks.append(clock)
     cpu0 = time.process_time()
-    commits: list[tuple[int, int, list[float]]] = []
+    commits: list[tuple[int, int, float]] = []
     busy = {"apply_s": 0.0, "batches": 0}
     apply = projector.apply
 
@@ -508,7 +581,7 @@ async def _projector_main(spec: ProjectorSpec, ready: MpEvent, stop: MpEvent) ->
     projector.apply = timed_apply  # type: ignore[method-assign]
 
     def on_commit(c: Committed) -> None:
-        commits.append((c.first, c.last, list(c.lags)))
+        commits.append((c.first, c.last, c.committed_at.timestamp()))
 
     kwargs: dict[str, Any] = {}
     if spec.batch_size:
@@ -519,6 +592,7 @@ async def _projector_main(spec: ProjectorSpec, ready: MpEvent, stop: MpEvent) ->
     task = asyncio.create_task(runner.run())
     try:
         await asyncio.wait_for(runner.started.wait(), 60)
+        started_at = time.time()
         ready.set()
         while not stop.is_set() and not task.done():
             await asyncio.sleep(0.05)
@@ -528,7 +602,13 @@ async def _projector_main(spec: ProjectorSpec, ready: MpEvent, stop: MpEvent) ->
         await projector.close()
         await bus.close()
     gc.callbacks.remove(clock)
-    return {"commits": commits, **busy, "cpu_s": time.process_time() - cpu0, "gc": clock.report()}
+    return {
+        "commits": commits,
+        **busy,
+        "started_at": started_at,
+        "cpu_s": time.process_time() - cpu0,
+        "gc": clock.report(),
+    }
 
 
 class ProjectorProcess:
@@ -584,8 +664,25 @@ async def wait_projected(bus: Bus, durable: str, position: int, timeout: float) 
         await asyncio.sleep(0.02)
 
 
-def lags_between(commits: Iterable[tuple[int, int, list[float]]], first: int, last: int) -> list[float]:
-    return [lag for (f, _, lags) in commits if first <= f <= last for lag in lags]
+def ack_to_commit(acks: Iterable[tuple[int, float]], commits: Sequence[tuple[int, int, float]]) -> list[float]:
+    """Per appended event: seconds from its ack (seen by the writer) to the commit that projected it."""
+    ordered = sorted(commits)
+    firsts = [c[0] for c in ordered]
+    out: list[float] = []
+    for pos, acked in acks:
+        i = bisect.bisect_right(firsts, pos) - 1
+        if i >= 0 and ordered[i][1] >= pos:
+            out.append(ordered[i][2] - acked)
+    return out
+
+
+def lag_figures(acks: Sequence[tuple[int, float]], commits: Sequence[tuple[int, int, float]]) -> dict[str, Any]:
+    lags = ack_to_commit(acks, commits)
+    return dist_ms(lags) | {
+        "events": len(lags),
+        "unmatched": len(acks) - len(lags),
+        "min_ms": min(lags) * 1000 if lags else math.nan,
+    }
 
 
 # --- databases ----------------------------------------------------------------------------------
@@ -695,47 +792,65 @@ async def compare_projections(a: Projector, b: Projector) -> dict[str, Any]:
     }
 
 
-# --- one database: appends with a live runner, rebuild, paced appends ---------------------------
+# --- one database and fsync policy --------------------------------------------------------------
 
 
-async def run_backend(cfg: Config, backend: str, repeat: int, tmp: Path) -> dict[str, Any]:
+def _phase(ph: AppendPhase) -> dict[str, Any]:
+    return {k: v for k, v in asdict(ph).items() if k != "acks"}
+
+
+async def run_backend(cfg: Config, backend: str, sync: str, repeat: int, tmp: Path) -> dict[str, Any]:
+    """One fresh server (``sync_interval: sync``) and database: throughput, catch-up, checks, rebuild, paced lag."""
     tag = f"r{repeat}-{backend}-{uuid.uuid4().hex[:6]}"
     durable = "bench-projector"
-    out: dict[str, Any] = {"backend": backend, "loadavg_before": loadavg()}
+    n = cfg.events_for(sync)
+    out: dict[str, Any] = {"backend": backend, "sync": sync, "loadavg_before": loadavg()}
+    paced: list[tuple[str, AppendPhase]] = []
+    name = f"{backend}{repeat}{sync.replace('always', 'a')}"
     async with (
-        EmbeddedNatsServer() as server,
-        database(backend, cfg, tmp, f"live{repeat}") as live_db,
-        database(backend, cfg, tmp, f"rebuilt{repeat}") as rebuilt_db,
+        EmbeddedNatsServer(ServerConfig(sync_interval=sync)) as server,
+        database(backend, cfg, tmp, f"live{name}") as live_db,
+        database(backend, cfg, tmp, f"rebuilt{name}") as rebuilt_db,
     ):
         buses = [
             await Bus.connect(BusConfig(servers=[server.url], name=f"bench-writer-{w}")) for w in range(cfg.writers)
         ]
         bus = buses[0]
-        await ensure_streams(bus)
-        targets = make_targets(cfg.aggregates, cfg.app_share)
-        spec = ProjectorSpec(
-            server.url, live_db.url, live_db.schema, durable, cfg.runner_batch, cfg.runner_fetch_timeout, cfg.gc_tune
-        )
-        proc = ProjectorProcess(spec)
-        await proc.start()
-        stopped = False
+        proc: ProjectorProcess | None = None
         try:
-            # (a) + (b): as fast as the writers go, the runner projecting meanwhile.
-            main = await append_phase(buses, targets, cfg.events, inflight=cfg.inflight, tag=tag)
-            catch_up = await wait_projected(bus, durable, main.last_position, cfg.catch_up_timeout)
-            out["append"] = asdict(main) | {"writers": cfg.writers, "inflight_per_writer": cfg.inflight}
-            out["catch_up_s"] = catch_up
+            await ensure_streams(bus)
+            await ensure_raw_stream(bus)
+            targets = make_targets(cfg.aggregates, cfg.app_share)
+            # (1) Throughput, no projector yet: raw JetStream publishes, then the store, same payloads.
+            raw = await append_phase(buses, targets, n, inflight=cfg.inflight, tag=tag, mode="raw")
+            main = await append_phase(buses, targets, n, inflight=cfg.inflight, tag=tag)
+            out["raw"] = _phase(raw)
+            out["append"] = _phase(main) | {"writers": cfg.writers, "inflight_per_writer": cfg.inflight}
+            out["store_to_raw"] = main.per_s / raw.per_s if raw.per_s else math.nan
+            # (2) The runner starts on the backlog: its catch-up rate, nothing else running.
+            spec = ProjectorSpec(
+                server.url,
+                live_db.url,
+                live_db.schema,
+                durable,
+                cfg.runner_batch,
+                cfg.runner_fetch_timeout,
+                cfg.gc_tune,
+            )
+            proc = ProjectorProcess(spec)
+            await proc.start()
+            await wait_projected(bus, durable, main.last_position, cfg.catch_up_timeout)
+            # (3) Checks.
             messages, last_seq = await stream_count(bus)
             out["checks"] = {
-                "stream": {"messages": messages, "last_seq": last_seq, "ok": messages == last_seq == cfg.events},
+                "stream": {"messages": messages, "last_seq": last_seq, "ok": messages == last_seq == n},
                 "conflict": await check_conflict(bus, targets, tag),
             }
             async with contextlib.AsyncExitStack() as stack:
                 live = live_db.projector()
                 stack.push_async_callback(live.close)
                 out["checks"]["folds"] = await check_folds(bus, pick_sample(targets, cfg.sample), tag, live)
-
-                # (c): rebuild a fresh database from the stream (the runner is idle meanwhile).
+                # (4) Rebuild a fresh database from the stream (the runner is idle meanwhile).
                 rebuilt = rebuilt_db.projector()
                 stack.push_async_callback(rebuilt.close)
                 res = await rebuilt.rebuild(StreamReader(bus))
@@ -747,47 +862,56 @@ async def run_backend(cfg: Config, backend: str, repeat: int, tmp: Path) -> dict
                     "errors": res.errors,
                 }
                 out["checks"]["rebuild"] = await compare_projections(live, rebuilt) | {
-                    "count_ok": res.count == cfg.events and res.position == cfg.events
+                    "count_ok": res.count == n and res.position == n
                 }
-
-            # (b) at a paced rate: the lag under the target load rather than under overload.
-            paced: list[dict[str, Any]] = []
-            for rate in cfg.paced_rates:
-                n = max(len(targets), int(rate * cfg.paced_seconds))
-                ph = await append_phase(buses, targets, n, inflight=cfg.inflight, tag=tag, rate=rate)
-                await wait_projected(bus, durable, ph.last_position, cfg.catch_up_timeout)
-                paced.append({"phase": ph, "first": ph.first_position, "last": ph.last_position})
+            # (5) Paced appends, the runner live: lag from each append's ack to its commit.
+            rates = [r for r in cfg.paced_rates if sync != "always" or r < main.per_s]
+            for rate in rates:
+                paced.append(("fixed", await _paced(cfg, buses, targets, tag, rate, bus, durable)))
+            if sync == "always" and cfg.sustain:
+                rate = _round_rate(SUSTAIN_START * main.per_s)
+                for _ in range(SUSTAIN_TRIES):
+                    ph = await _paced(cfg, buses, targets, tag, rate, bus, durable)
+                    paced.append(("sustain", ph))
+                    if ph.per_s >= SUSTAINED_SHARE * rate or rate <= 50:
+                        break
+                    rate = _round_rate(min(SUSTAIN_START * ph.per_s, 0.8 * rate))
             result = await proc.stop()
-            stopped = True
+            proc = None
         finally:
-            if not stopped:
+            if proc is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(proc.stop(), 30)
             for b in buses:
                 await b.close()
     commits = result["commits"]
-    out["lag_overload"] = dist_ms(lags_between(commits, main.first_position, main.last_position))
-    out["lag_overload"]["events"] = len(lags_between(commits, main.first_position, main.last_position))
-    out["paced"] = []
-    for p in paced:
-        ph = p["phase"]
-        lags = lags_between(commits, p["first"], p["last"])
-        out["paced"].append(
-            {
-                "rate": ph.rate,
-                "events": ph.events,
-                "achieved_per_s": ph.per_s,
-                "append_latency": ph.latency,
-                "lag": dist_ms(lags) | {"events": len(lags)},
-            }
-        )
-    projected = sum(len(lags) for (_, _, lags) in commits)
+    done = [ts for first, last, ts in commits if first <= main.last_position <= last]
+    catch_up = (done[0] - result["started_at"]) if done else math.nan
+    out["catch_up"] = {"seconds": catch_up, "per_s": main.events / catch_up if catch_up > 0 else math.nan}
+    out["paced"] = [
+        {
+            "kind": kind,
+            "rate": ph.rate,
+            "events": ph.events,
+            "seconds": ph.seconds,
+            "achieved_per_s": ph.per_s,
+            "sustained": bool(ph.rate) and ph.per_s >= SUSTAINED_SHARE * float(ph.rate or 0),
+            "append_latency": ph.latency,
+            "lag": lag_figures(ph.acks, commits),
+        }
+        for kind, ph in paced
+    ]
+    sustained = [p for p in out["paced"] if p["sustained"]]
+    if sync == "always" and sustained:
+        out["sustained"] = max(sustained, key=lambda p: p["rate"])
+    projected = sum(last - first + 1 for first, last, _ in commits)
     out["projector"] = {k: result[k] for k in ("apply_s", "batches", "cpu_s", "gc")} | {
         "events": projected,
         "cpu_us_per_event": result["cpu_s"] / projected * 1e6 if projected else math.nan,
     }
     out["loadavg_after"] = loadavg()
     checks = out["checks"]
+    checks["lag_matched"] = all(p["lag"]["unmatched"] == 0 for p in out["paced"])
     checks["ok"] = all(
         [
             checks["stream"]["ok"],
@@ -795,9 +919,25 @@ async def run_backend(cfg: Config, backend: str, repeat: int, tmp: Path) -> dict
             checks["folds"]["ok"],
             checks["rebuild"]["ok"],
             checks["rebuild"]["count_ok"],
+            checks["lag_matched"],
         ]
     )
     return out
+
+
+def _round_rate(rate: float) -> int:
+    return max(50, int(rate / 50) * 50)
+
+
+async def _paced(
+    cfg: Config, buses: Sequence[Bus], targets: Sequence[Target], tag: str, rate: int, bus: Bus, durable: str
+) -> AppendPhase:
+    """Appends at ``rate`` for ``paced_seconds``, then wait until the runner has projected them."""
+    n = max(len(targets), int(rate * cfg.paced_seconds))
+    ph = await append_phase(buses, targets, n, inflight=cfg.inflight, tag=tag, rate=rate, duration=cfg.paced_seconds)
+    await wait_projected(bus, durable, ph.last_position, cfg.catch_up_timeout)
+    log(f"    paced {rate}/s: achieved {ph.per_s:.0f}/s over {ph.seconds:.1f} s")
+    return ph
 
 
 # --- (d) signed commands through the real manager ------------------------------------------------
@@ -932,10 +1072,12 @@ async def run_benchmark(cfg: Config) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sf-bench-events-") as tmp:
         for r in range(cfg.repeat):
             rep: dict[str, Any] = {"repeat": r + 1}
-            for backend in backends:
-                log(f"repeat {r + 1}/{cfg.repeat}: {backend}: {cfg.events} events")
-                rep[backend] = await run_backend(cfg, backend, r, Path(tmp))
-                log(f"  {_brief(rep[backend])}")
+            for sync in cfg.sync:
+                for backend in backends:
+                    key = run_key(backend, sync)
+                    log(f"repeat {r + 1}/{cfg.repeat}: {backend}, sync {sync}: {cfg.events_for(sync)} events")
+                    rep[key] = await run_backend(cfg, backend, sync, r, Path(tmp))
+                    log(f"  {_brief(rep[key])}")
             if cfg.commands > 0:
                 log(f"repeat {r + 1}/{cfg.repeat}: {cfg.commands} signed commands")
                 rep["commands"] = await run_commands(cfg)
@@ -954,15 +1096,23 @@ async def run_benchmark(cfg: Config) -> dict[str, Any]:
     return result
 
 
+def run_key(backend: str, sync: str) -> str:
+    """Key of one run in a repeat's results: ``sqlite@always``."""
+    return f"{backend}@{sync}"
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
 def _brief(b: dict[str, Any]) -> str:
-    paced = ", ".join(f"{p['rate']}/s p99 {p['lag']['p99_ms']:.0f} ms" for p in b["paced"])
+    paced = ", ".join(
+        f"{p['rate']}/s (got {p['achieved_per_s']:.0f}) p99 {p['lag']['p99_ms']:.0f} ms" for p in b["paced"]
+    )
     return (
-        f"{b['append']['per_s']:.0f} appends/s; lag p99 {b['lag_overload']['p99_ms']:.0f} ms (max rate); "
-        f"paced: {paced}; rebuild {b['rebuild']['seconds']:.1f} s; checks {'ok' if b['checks']['ok'] else 'FAILED'}"
+        f"{b['append']['per_s']:.0f} appends/s = {b['store_to_raw']:.2f} x raw {b['raw']['per_s']:.0f}/s; "
+        f"catch-up {b['catch_up']['per_s']:.0f}/s; rebuild {b['rebuild']['seconds']:.1f} s; paced: {paced}; "
+        f"checks {'ok' if b['checks']['ok'] else 'FAILED'}"
     )
 
 
@@ -974,134 +1124,166 @@ class Metric:
     get: Callable[[dict[str, Any]], float | None]
     target: str = ""
     met: Callable[[float], bool] | None = None
-    values: list[float] = field(default_factory=list)
+
+
+_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+
+
+def _getter(run: str, *path: Any) -> Callable[[dict[str, Any]], float | None]:
+    """Value at ``path`` in one repeat's run ``run`` (a callable step picks from a list)."""
+
+    def get(rep: dict[str, Any]) -> float | None:
+        cur: Any = rep.get(run)
+        for p in path:
+            if cur is None:
+                return None
+            cur = p(cur) if callable(p) else cur.get(p) if isinstance(cur, dict) else None
+        return None if cur is None else float(cur)
+
+    return get
+
+
+def _below(limit: float) -> Callable[[float], bool]:
+    return lambda v: v < limit
+
+
+def _paced_at(rate: int) -> Callable[[list[dict[str, Any]]], dict[str, Any] | None]:
+    return lambda ps: next((p for p in ps if p["kind"] == "fixed" and p["rate"] == rate), None)
 
 
 def _metrics(backends: Sequence[str], cfg: dict[str, Any]) -> list[Metric]:
-    names = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
-    w, i = cfg["writers"], cfg["inflight"]
     out: list[Metric] = []
-    for b in backends:
-        n = names.get(b, b)
-
-        def g(*path: Any, b: str = b) -> Callable[[dict[str, Any]], float | None]:
-            def get(rep: dict[str, Any]) -> float | None:
-                cur: Any = rep.get(b)
-                for p in path:
-                    if cur is None:
-                        return None
-                    cur = cur[p]
-                return float(cur)
-
-            return get
-
-        out += [
-            Metric(
-                f"{b}.append_per_s",
-                f"Appends/s with concurrency checks ({w} writers x {i} in flight; {n} runner live)",
-                "events/s",
-                g("append", "per_s"),
-                f">= {TARGET_APPENDS_PER_S:,.0f}",
-                lambda v: v >= TARGET_APPENDS_PER_S,
-            ),
-            Metric(f"{b}.append_p50_ms", "  append latency p50", "ms", g("append", "latency", "p50_ms")),
-            Metric(f"{b}.append_p99_ms", "  append latency p99", "ms", g("append", "latency", "p99_ms")),
-            Metric(
-                f"{b}.lag_overload_p50_ms",
-                f"{n} lag p50, appends at max rate (overload)",
-                "ms",
-                g("lag_overload", "p50_ms"),
-            ),
-            Metric(
-                f"{b}.lag_overload_p99_ms",
-                f"{n} lag p99, appends at max rate (overload)",
-                "ms",
-                g("lag_overload", "p99_ms"),
-            ),
-            Metric(
-                f"{b}.lag_overload_max_ms",
-                f"{n} lag max, appends at max rate (overload)",
-                "ms",
-                g("lag_overload", "max_ms"),
-            ),
-            Metric(f"{b}.catch_up_s", f"{n} runner catch-up after the last append", "s", g("catch_up_s")),
-            Metric(
-                f"{b}.runner_cpu_us",
-                f"{n} runner process CPU per projected event (all phases)",
-                "us",
-                g("projector", "cpu_us_per_event"),
-            ),
-        ]
-        for j, rate in enumerate(cfg["paced_rates"]):
+    for sync in cfg["sync"]:
+        events = cfg["events_always"] if sync == "always" else cfg["events"]
+        for b in backends:
+            run = run_key(b, sync)
+            n = f"{_NAMES.get(b, b)}, sync {sync}"
             out += [
+                Metric(f"{run}.raw_per_s", f"{n}: raw JetStream publishes/s", "events/s", _getter(run, "raw", "per_s")),
                 Metric(
-                    f"{b}.paced{rate}.achieved",
-                    f"{n} paced {rate:,}/s: achieved append rate",
+                    f"{run}.append_per_s",
+                    f"{n}: store appends/s (concurrency checks)",
                     "events/s",
-                    g("paced", j, "achieved_per_s"),
+                    _getter(run, "append", "per_s"),
+                ),
+                Metric(f"{run}.store_to_raw", f"{n}: store / raw", "ratio", _getter(run, "store_to_raw")),
+                Metric(
+                    f"{run}.append_p50_ms",
+                    f"{n}: append latency p50",
+                    "ms",
+                    _getter(run, "append", "latency", "p50_ms"),
                 ),
                 Metric(
-                    f"{b}.paced{rate}.lag_p50_ms",
-                    f"{n} lag p50 at {rate:,} appends/s",
+                    f"{run}.append_p99_ms",
+                    f"{n}: append latency p99",
                     "ms",
-                    g("paced", j, "lag", "p50_ms"),
+                    _getter(run, "append", "latency", "p99_ms"),
                 ),
                 Metric(
-                    f"{b}.paced{rate}.lag_p99_ms",
-                    f"{n} lag p99 at {rate:,} appends/s",
-                    "ms",
-                    g("paced", j, "lag", "p99_ms"),
-                    f"< {TARGET_LAG_P99_MS:.0f}",
-                    lambda v: v < TARGET_LAG_P99_MS,
+                    f"{run}.raw_p99_ms", f"{n}: raw publish latency p99", "ms", _getter(run, "raw", "latency", "p99_ms")
                 ),
+                Metric(f"{run}.catch_up_per_s", f"{n}: runner catch-up", "events/s", _getter(run, "catch_up", "per_s")),
                 Metric(
-                    f"{b}.paced{rate}.lag_max_ms",
-                    f"{n} lag max at {rate:,} appends/s",
-                    "ms",
-                    g("paced", j, "lag", "max_ms"),
+                    f"{run}.runner_cpu_us",
+                    f"{n}: runner CPU per projected event",
+                    "us",
+                    _getter(run, "projector", "cpu_us_per_event"),
                 ),
             ]
-        out += [
-            Metric(
-                f"{b}.rebuild_s",
-                f"{n} rebuild from {cfg['events']:,} events",
-                "s",
-                g("rebuild", "seconds"),
-                f"< {TARGET_REBUILD_S_PER_100K * cfg['events'] / 100_000:.1f} (20 s per 100k)",
-                lambda v: v < TARGET_REBUILD_S_PER_100K * cfg["events"] / 100_000,
-            ),
-            Metric(f"{b}.rebuild_per_s", f"{n} rebuild rate", "events/s", g("rebuild", "per_s")),
-        ]
+            for rate in cfg["paced_rates"]:
+                at = _paced_at(rate)
+                target = rate == TARGET_LAG_RATE
+                out += [
+                    Metric(
+                        f"{run}.paced{rate}.achieved",
+                        f"{n}: paced {rate:,}/s achieved",
+                        "events/s",
+                        _getter(run, "paced", at, "achieved_per_s"),
+                    ),
+                    Metric(
+                        f"{run}.paced{rate}.lag_p50_ms",
+                        f"{n}: lag p50 at {rate:,}/s",
+                        "ms",
+                        _getter(run, "paced", at, "lag", "p50_ms"),
+                    ),
+                    Metric(
+                        f"{run}.paced{rate}.lag_p99_ms",
+                        f"{n}: lag p99 at {rate:,}/s",
+                        "ms",
+                        _getter(run, "paced", at, "lag", "p99_ms"),
+                        f"< {TARGET_LAG_P99_MS:.0f}" if target else "",
+                        (lambda v: v < TARGET_LAG_P99_MS) if target else None,
+                    ),
+                    Metric(
+                        f"{run}.paced{rate}.lag_max_ms",
+                        f"{n}: lag max at {rate:,}/s",
+                        "ms",
+                        _getter(run, "paced", at, "lag", "max_ms"),
+                    ),
+                ]
+            if sync == "always":
+                out += [
+                    Metric(
+                        f"{run}.sustained.rate",
+                        f"{n}: highest sustained rate",
+                        "events/s",
+                        _getter(run, "sustained", "rate"),
+                    ),
+                    Metric(
+                        f"{run}.sustained.achieved",
+                        f"{n}: achieved there",
+                        "events/s",
+                        _getter(run, "sustained", "achieved_per_s"),
+                    ),
+                    Metric(
+                        f"{run}.sustained.lag_p50_ms",
+                        f"{n}: lag p50 there",
+                        "ms",
+                        _getter(run, "sustained", "lag", "p50_ms"),
+                    ),
+                    Metric(
+                        f"{run}.sustained.lag_p99_ms",
+                        f"{n}: lag p99 there",
+                        "ms",
+                        _getter(run, "sustained", "lag", "p99_ms"),
+                    ),
+                    Metric(
+                        f"{run}.sustained.lag_max_ms",
+                        f"{n}: lag max there",
+                        "ms",
+                        _getter(run, "sustained", "lag", "max_ms"),
+                    ),
+                ]
+            limit = TARGET_REBUILD_S_PER_100K * events / 100_000
+            out += [
+                Metric(
+                    f"{run}.rebuild_s",
+                    f"{n}: rebuild of {events:,} events",
+                    "s",
+                    _getter(run, "rebuild", "seconds"),
+                    f"< {limit:.1f}" if events >= 100_000 else "",
+                    _below(limit) if events >= 100_000 else None,
+                ),
+                Metric(f"{run}.rebuild_per_s", f"{n}: rebuild rate", "events/s", _getter(run, "rebuild", "per_s")),
+            ]
     if cfg["commands"] > 0:
-
-        def cmd(*path: str) -> Callable[[dict[str, Any]], float | None]:
-            def get(rep: dict[str, Any]) -> float | None:
-                cur: Any = rep.get("commands")
-                for p in path:
-                    if cur is None:
-                        return None
-                    cur = cur[p]
-                return float(cur)
-
-            return get
-
         out += [
             Metric(
                 "commands.per_s",
                 f"Signed overlay_update commands/s via the manager ({cfg['clients']} clients)",
                 "commands/s",
-                cmd("per_s"),
+                _getter("commands", "per_s"),
             ),
-            Metric("commands.p50_ms", "  command latency p50", "ms", cmd("latency", "p50_ms")),
-            Metric("commands.p99_ms", "  command latency p99", "ms", cmd("latency", "p99_ms")),
+            Metric("commands.p50_ms", "command latency p50", "ms", _getter("commands", "latency", "p50_ms")),
+            Metric("commands.p99_ms", "command latency p99", "ms", _getter("commands", "latency", "p99_ms")),
         ]
     return out
 
 
 def summarise(result: dict[str, Any], backends: Sequence[str]) -> dict[str, Any]:
-    metrics = _metrics(backends, result["config"])
+    """Median, min and max over the repeats of every figure, with its target."""
     summary: dict[str, Any] = {}
-    for m in metrics:
+    for m in _metrics(backends, result["config"]):
         vals = [v for v in (m.get(rep) for rep in result["repeats"]) if v is not None and not math.isnan(v)]
         if not vals:
             continue
@@ -1112,12 +1294,13 @@ def summarise(result: dict[str, Any], backends: Sequence[str]) -> dict[str, Any]
             "median": med,
             "min": min(vals),
             "max": max(vals),
+            "n": len(vals),
             "target": m.target or None,
             "met": m.met(med) if m.met else None,
         }
     checks = []
     for rep in result["repeats"]:
-        checks += [rep[b]["checks"]["ok"] for b in backends if b in rep]
+        checks += [v["checks"]["ok"] for k, v in rep.items() if "@" in k]
         if "commands" in rep:
             checks.append(rep["commands"]["checks"]["ok"])
     summary["checks_ok"] = bool(checks) and all(checks)
@@ -1134,65 +1317,140 @@ def _fmt(v: float, unit: str) -> str:
         return f"{v:,.0f}"
     if unit == "s":
         return f"{v:.2f}"
+    if unit == "ratio":
+        return f"{v:.2f}"
     return f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def _cell(summary: dict[str, Any], key: str, *, target: bool = False) -> str:
+    s = summary.get(key)
+    if not isinstance(s, dict):
+        return "-"
+    unit = s["unit"]
+    text = f"{_fmt(s['median'], unit)} ({_fmt(s['min'], unit)}…{_fmt(s['max'], unit)})"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        text = _fmt(s["median"], unit)
+    if target and s["met"] is not None:
+        text += " yes" if s["met"] else " **no**"
+    return text
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     cfg, facts, summary = result["config"], result["machine"], result["summary"]
+    backends = [
+        b for b in cfg["backends"] if any(run_key(b, y) in rep for rep in result["repeats"] for y in cfg["sync"])
+    ]
+    runs = [(y, b) for y in cfg["sync"] for b in backends]
+    names = {b: _NAMES.get(b, b) for b in backends}
     lines = [
         MARK_START,
-        "## Event store and projections (`bench/bench_events.py`, issue 3)",
+        "## Event store and projections (`bench/bench_events.py`, issues 3 and 8)",
         "",
-        f"Run {result['started_at'][:19]}Z: `python -m bench.bench_events --events {cfg['events']} "
-        f"--repeat {cfg['repeat']}`; median, min and max of {cfg['repeat']} repeat(s)."
+        f"Run {result['started_at'][:16].replace('T', ' ')} UTC: `python -m bench.bench_events --events {cfg['events']}"
+        f" --events-always {cfg['events_always']} --repeat {cfg['repeat']} --sync {','.join(cfg['sync'])}"
+        f" --paced-seconds {cfg['paced_seconds']:g}`; every figure is the median of {cfg['repeat']} repeat(s),"
+        " (min…max) beside it."
         + (f" Raw results: `{_relative(result['raw_results'])}`." if result.get("raw_results") else ""),
         "",
-        "| Figure | Unit | Median | Min | Max | Target | Met |",
-        "|---|---|---:|---:|---:|---|---|",
+        "**Appends**: raw JetStream publishes vs the store, same payloads, same concurrency"
+        f" ({cfg['writers']} writers x {cfg['inflight']} in flight), no projector running:",
+        "",
+        "| sync_interval | run | raw JetStream publishes/s | store appends/s | store / raw | append p50 ms"
+        " | append p99 ms | raw p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for s in summary.values():
-        if not isinstance(s, dict):
-            continue
-        met = "" if s["met"] is None else ("yes" if s["met"] else "**no**")
+    for y, b in runs:
+        r = run_key(b, y)
         lines.append(
-            f"| {s['label'].strip()} | {s['unit']} | {_fmt(s['median'], s['unit'])} | {_fmt(s['min'], s['unit'])} "
-            f"| {_fmt(s['max'], s['unit'])} | {s['target'] or ''} | {met} |"
+            f"| {y} | {names[b]} | {_cell(summary, r + '.raw_per_s')} | {_cell(summary, r + '.append_per_s')}"
+            f" | {_cell(summary, r + '.store_to_raw')} | {_cell(summary, r + '.append_p50_ms')}"
+            f" | {_cell(summary, r + '.append_p99_ms')} | {_cell(summary, r + '.raw_p99_ms')} |"
         )
     lines += [
         "",
-        f"Correctness checks (every repeat): {'all passed' if summary['checks_ok'] else '**FAILED** (see raw results)'}"
-        " - the stream holds exactly the appended events, a sample of aggregates folds (from the stream and in"
+        "**Projection lag** from each append's ack (seen by the writer) to the commit that made its rows"
+        f" visible, appends paced for {cfg['paced_seconds']:g} s per rate, the runner live; target p99 <"
+        f" {TARGET_LAG_P99_MS:.0f} ms at {TARGET_LAG_RATE:,}/s:",
+        "",
+        "| sync_interval | database | offered /s | achieved /s | lag p50 ms | lag p99 ms | lag max ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for y, b in runs:
+        r = run_key(b, y)
+        for rate in cfg["paced_rates"]:
+            key = f"{r}.paced{rate}"
+            if f"{key}.achieved" not in summary:
+                continue
+            lines.append(
+                f"| {y} | {names[b]} | {rate:,} | {_cell(summary, key + '.achieved')}"
+                f" | {_cell(summary, key + '.lag_p50_ms')} | {_cell(summary, key + '.lag_p99_ms', target=True)}"
+                f" | {_cell(summary, key + '.lag_max_ms')} |"
+            )
+        if f"{r}.sustained.rate" in summary:
+            key = f"{r}.sustained"
+            lines.append(
+                f"| {y} | {names[b]} | **highest sustained**: {_cell(summary, key + '.rate')}"
+                f" | {_cell(summary, key + '.achieved')} | {_cell(summary, key + '.lag_p50_ms')}"
+                f" | {_cell(summary, key + '.lag_p99_ms')} | {_cell(summary, key + '.lag_max_ms')} |"
+            )
+    lines += [
+        "",
+        "**Runner and rebuild**:",
+        "",
+        "| sync_interval | database | rebuild s | rebuild events/s | runner catch-up events/s | runner CPU µs/event |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for y, b in runs:
+        r = run_key(b, y)
+        lines.append(
+            f"| {y} | {names[b]} | {_cell(summary, r + '.rebuild_s', target=True)}"
+            f" | {_cell(summary, r + '.rebuild_per_s')} | {_cell(summary, r + '.catch_up_per_s')}"
+            f" | {_cell(summary, r + '.runner_cpu_us')} |"
+        )
+    if "commands.per_s" in summary:
+        lines += [
+            "",
+            f"**Commands**: {_cell(summary, 'commands.per_s')} signed `overlay_update` commands/s through the"
+            f" manager ({cfg['clients']} clients; latency p50 {_cell(summary, 'commands.p50_ms')} ms, p99"
+            f" {_cell(summary, 'commands.p99_ms')} ms; server default sync).",
+        ]
+    lines += [
+        "",
+        "Correctness checks (every repeat and run): "
+        + ("all passed" if summary["checks_ok"] else "**FAILED** (see raw results)")
+        + " - the stream holds exactly the appended events, a sample of aggregates folds (from the stream and in"
         " the projection) to the generated state, a stale `expected` is refused as a conflict and appends nothing,"
-        " the rebuilt projection equals the live one, and the manager refuses a stale `expected_version`.",
+        " the rebuilt projection equals the live one, every paced append's commit was seen, and the manager"
+        " refuses a stale `expected_version`.",
         "",
-        "What each figure is:",
+        "How it is measured:",
         "",
-        f"- **Appends/s**: {cfg['events']:,} events over {cfg['aggregates']:,} aggregates "
-        f"({1 - cfg['app_share']:.0%} overlays: `overlay.created` then `overlay.updated`; {cfg['app_share']:.0%}"
-        " applications: `app.imported` with a 4-node map then `node.updated`), appended through"
-        " `JetStreamRecorder.append` with `expected=` the aggregate's last position"
-        f" (Nats-Expected-Last-Subject-Sequence). {cfg['writers']} writers (one NATS connection each) own disjoint"
-        f" aggregates and keep {cfg['inflight']} appends in flight each, never two on one aggregate."
-        " Latency is per append, seen by the writer.",
-        "- **Lag**: per event, from its `Sf-Timestamp` header (set when appended) to the commit of the batch"
-        " that projected it, from the `ProjectionRunner`'s `on_commit` hook. The runner runs in its own process"
-        " with its default settings"
-        + (f" (batch {cfg['runner_batch']})" if cfg["runner_batch"] else "")
-        + ". *At max rate (overload)*: while the writers append as fast as they can, i.e. more than the"
-        " projector can absorb, so the lag grows with the backlog; it is not the target figure."
-        " *At N appends/s*: appends paced by a token bucket for"
-        f" {cfg['paced_seconds']:.0f} s each; this is the figure the p99 < 100 ms target is checked against.",
-        "- **Catch-up**: seconds after the last max-rate append until the runner has committed it.",
-        "- **Rebuild**: `Projector.rebuild` of an empty database from the stream (`StreamReader`), all tables"
-        " dropped and recreated, every event replayed.",
-        "- **Commands/s**: `overlay_update` with `expected_version` sent with `bus.client.command`, signed with"
-        " the admin's nkey, to a real `ManagerApp` in its own process (signature and nonce-KV check, access"
-        " control, fold, append, reply).",
+        f"- **Workload**: events over {cfg['aggregates']:,} aggregates ({1 - cfg['app_share']:.0%} overlays:"
+        f" `overlay.created` then `overlay.updated`; {cfg['app_share']:.0%} applications: `app.imported` with a"
+        " 4-node map then `node.updated`). Store appends go through `JetStreamRecorder.append` with `expected=`"
+        " the aggregate's last position (Nats-Expected-Last-Subject-Sequence, plus Nats-Msg-Id and the Sf-*"
+        " headers); raw publishes are `js.publish` of the same msgpack payloads, in the same order, to a stream"
+        " configured like SF_EVENTS, without headers. Writers own disjoint aggregates, never two appends in flight"
+        f" on one aggregate. {cfg['events']:,} events per run with a duration sync_interval,"
+        f" {cfg['events_always']:,} with `always` (fsync-bound).",
+        "- **Catch-up**: the `ProjectionRunner` (own process, default settings"
+        + (f", batch {cfg['runner_batch']}" if cfg["runner_batch"] else "")
+        + ") started on that backlog, nothing else running: events / seconds to its commit of the last one.",
+        "- **Lag**: appends paced by a token bucket; each append's ack time (wall clock, in the writer) against the"
+        " wall-clock time the runner's transaction holding it committed (its `on_commit` hook); same machine, same"
+        " clock. A rate counts as sustained when the writers achieve"
+        f" {SUSTAINED_SHARE:.0%} of it. With `always`, rates above the max-rate throughput are not offered; the"
+        f" highest sustained rate is searched from {SUSTAIN_START:.0%} of that throughput down, each next offer"
+        f" {SUSTAIN_START:.0%} of what the writers achieved at the previous one (at most 80 % of it), until one is"
+        " sustained.",
+        "- **Rebuild**: `Projector.rebuild` of an empty database from the stream (`StreamReader`): tables dropped"
+        " and recreated, every event replayed.",
+        "- **Runner CPU**: the runner process's CPU seconds over every event it projected (all phases).",
         "",
         f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), Python {facts['python']}, {facts['nats_server']}"
         + (f", PostgreSQL {facts['postgresql']}" if facts.get("postgresql") else "")
-        + "; nats-server, writers, projection runner (and PostgreSQL) share these CPUs."
-        + f" Load average before each run: {_loads(result)}.",
+        + "; nats-server, writers, projection runner and PostgreSQL share these CPUs."
+        + f" Load average (1 min) before each run: {_loads(result)}.",
     ]
     for note in [*result.get("notes", []), result["config"].get("note", "")]:
         if note:
@@ -1237,11 +1495,45 @@ def write_results(result: dict[str, Any], results_dir: Path) -> Path:
     return path
 
 
+LOCK_FILE = Path("/tmp/skyferry-bench.lock")
+"""Held (flock) for the whole run, as by ``flock /tmp/skyferry-bench.lock <command>``: never two benchmarks at once."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     configure_logging("ERROR")
     if (os.cpu_count() or 1) <= 2:
         log("note: 2 CPUs; run no other benchmark meanwhile (figures are noisy on a busy machine)")
+    with LOCK_FILE.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not _lock_held_by_ancestor(LOCK_FILE):  # else: started under flock(1) already
+                log(f"waiting for {LOCK_FILE} (another benchmark is running)")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        return _main(cfg)
+
+
+def _lock_held_by_ancestor(path: Path) -> bool:
+    """Whether a process this one descends from holds the flock on ``path`` (``flock FILE command``)."""
+    try:
+        inode = path.stat().st_ino
+        holders = set()
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                holders.add(int(fields[4]))
+        pid = os.getppid()
+        while pid > 1:
+            if pid in holders:
+                return True
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def _main(cfg: Config) -> int:
     result = asyncio.run(run_benchmark(cfg))
     if cfg.results_dir is not None:
         result["raw_results"] = str(write_results(result, cfg.results_dir))

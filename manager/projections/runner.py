@@ -176,11 +176,16 @@ class ProjectionRunner:
         self.started.set()
         try:
             while not self._stop.is_set():
-                try:
-                    msgs = await self._fetch(sub)
-                except nats.errors.TimeoutError:
-                    continue
-                await self._handle(msgs)
+                # The collector stays paused from the fetch to the ack (at most fetch_timeout when idle):
+                # a batch's messages and objects die together, freed by reference counting, instead of
+                # being scanned and promoted by collections while the batch is received and applied.
+                # It runs, if due, between two batches, when little is alive.
+                with gc_paused(self.projector.pause_gc):
+                    try:
+                        msgs = await self._fetch(sub)
+                    except nats.errors.TimeoutError:
+                        continue
+                    await self._handle(msgs)
         finally:
             with contextlib.suppress(Exception):  # best effort: the connection may be down
                 await sub.unsubscribe()
@@ -203,8 +208,6 @@ class ProjectionRunner:
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        # The collector stays paused from decoding to the ack: the batch's objects die together,
-        # freed by reference counting, instead of being promoted while the batch is applied.
         with gc_paused(self.projector.pause_gc):
             events = [decode_message(m) for m in msgs]
             before = self.position

@@ -127,9 +127,11 @@ class TableSpec:
 
 
 def _converter(table: Table, dialect: str) -> Callable[[Row], Values]:
+    """A function building one table's driver values from a row, compiled once per table."""
     sqlite_dialect = sqlite.dialect()
-    steps: list[tuple[str, Callable[[Any], Any] | None]] = []
-    for col in table.columns:
+    env: dict[str, Any] = {}
+    parts: list[str] = []
+    for i, col in enumerate(table.columns):
         typ = col.type
         fn: Callable[[Any], Any] | None
         if isinstance(typ, JSON):
@@ -140,12 +142,13 @@ def _converter(table: Table, dialect: str) -> Callable[[Row], Values]:
             fn = None
         else:
             fn = _clean
-        steps.append((col.name, fn))
-    plan = tuple(steps)
-
-    def convert(row: Row) -> Values:
-        return tuple(None if (v := row[name]) is None else (v if fn is None else fn(v)) for name, fn in plan)
-
+        if fn is None:
+            parts.append(f"row[{col.name!r}]")
+        else:
+            env[f"f{i}"] = fn
+            parts.append(f"(None if (v{i} := row[{col.name!r}]) is None else f{i}(v{i}))")
+    code = f"lambda row: ({', '.join(parts)},)"
+    convert: Callable[[Row], Values] = eval(code, env)  # built from the table definition, not from data
     return convert
 
 

@@ -19,12 +19,14 @@ async def backends() -> tuple[str, ...]:
 async def test_small_run_checks_hold(tmp_path: Path, backends: tuple[str, ...]) -> None:
     cfg = be.Config(
         events=500,
+        events_always=300,
         repeat=1,
         aggregates=40,
         writers=2,
         inflight=4,
         paced_rates=(1_000,),
         paced_seconds=0.3,
+        sync=("always", "2m"),
         backends=backends,
         pg_url=PG_URL,
         commands=40,
@@ -34,28 +36,34 @@ async def test_small_run_checks_hold(tmp_path: Path, backends: tuple[str, ...]) 
     )
     result = await be.run_benchmark(cfg)
     rep = result["repeats"][0]
-    for backend in backends:
-        run = rep[backend]
-        checks = run["checks"]
-        assert checks["stream"] == {"messages": 500, "last_seq": 500, "ok": True}
-        assert checks["conflict"]["refused"] == {"first_position": True, "zero": True}
-        assert checks["conflict"]["stream_unchanged"]
-        assert checks["folds"] == {"checked": 6, "ok": True, "mismatches": []}
-        assert checks["rebuild"]["ok"], checks["rebuild"]
-        assert checks["rebuild"]["events_rows"] == [500, 500]
-        assert checks["rebuild"]["count_ok"]
-        assert checks["ok"]
-        assert run["append"]["events"] == 500
-        assert run["lag_overload"]["events"] == 500  # every event's lag reached the on_commit hook
-        paced = run["paced"][0]
-        assert paced["events"] == 300 and paced["lag"]["events"] == 300
-        assert run["rebuild"]["events"] == 500
+    for sync, events in (("always", 300), ("2m", 500)):
+        for backend in backends:
+            run = rep[be.run_key(backend, sync)]
+            checks = run["checks"]
+            assert checks["stream"] == {"messages": events, "last_seq": events, "ok": True}
+            assert checks["conflict"]["refused"] == {"first_position": True, "zero": True}
+            assert checks["conflict"]["stream_unchanged"]
+            assert checks["folds"] == {"checked": 6, "ok": True, "mismatches": []}
+            assert checks["rebuild"]["ok"], checks["rebuild"]
+            assert checks["rebuild"]["events_rows"] == [events, events]
+            assert checks["rebuild"]["count_ok"]
+            assert checks["lag_matched"]
+            assert checks["ok"]
+            assert run["append"]["events"] == events and run["raw"]["events"] == events
+            assert run["store_to_raw"] > 0
+            assert run["catch_up"]["per_s"] > 0
+            for paced in run["paced"]:  # every paced append's commit was seen by the hook
+                assert paced["lag"]["events"] == paced["events"] > 0
+            assert run["rebuild"]["events"] == events
+        if sync == "always":
+            assert any(p["kind"] == "sustain" for p in run["paced"])
     commands = rep["commands"]
     assert commands["commands"] == 40
     assert commands["checks"]["stale_refused"]
     assert commands["checks"]["stream_messages"] == commands["checks"]["expected_messages"]
     assert result["summary"]["checks_ok"]
-    assert "sqlite.append_per_s" in result["summary"]
+    assert "sqlite@2m.append_per_s" in result["summary"]
+    assert "sqlite@always.store_to_raw" in result["summary"]
 
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
