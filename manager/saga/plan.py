@@ -10,9 +10,11 @@ Scheduling rules the coordinator applies to a plan:
 * among ready steps, plan order breaks ties (so ``max_parallel=1``, the
   default, runs ready steps one at a time in the order they are listed).
 
-Action subjects are restricted to ``sf.cmd.>`` and ``sf.agent.>``: the
-coordinator runs with the manager's wide bus permissions, and a plan submitted
-by a user must not be able to make it talk to ``$JS.API`` or other internals.
+Action subjects are restricted to ``sf.cmd.>`` and ``sf.agent.>``: a plan
+submitted by a user must not be able to make the coordinator talk to ``$JS.API``
+or other internals. (A separate coordinator process also runs as the NATS
+``saga`` role, which cannot; one hosted in the manager has the manager's wide
+permissions, so this check is what stands in the way there.)
 """
 
 from __future__ import annotations
