@@ -118,6 +118,43 @@ class TunnelStatus(VnaMessage):
 class PortStatus(VnaMessage):
     name: str
     kind: str
+    blocked: bool = Field(
+        default=False, description="Loop protection blocks this port (see the switch's loop_protect)."
+    )
+    blocked_reason: str | None = None
+
+
+class LoopState(StrEnum):
+    """Loop protection of one switch: no loop seen, a loop seen and not (yet) broken here, a port blocked here."""
+
+    OK = "ok"
+    LOOPED = "looped"
+    BLOCKING = "blocking"
+
+
+class BlockedPort(VnaMessage):
+    """A port loop protection took out of forwarding, and why."""
+
+    port: str
+    kind: str = Field(description="tunnel or segment")
+    label: str = Field(description="the tunnel id or segment interface behind the port")
+    since: dt.datetime
+    reason: str
+    loop_ports: list[str] = Field(default_factory=list, description="this VNA's ports on the loop")
+
+
+class LoopProtectStatus(VnaMessage):
+    """Loop probes and the ports they blocked (``vna_agent.loopguard``)."""
+
+    state: LoopState = LoopState.OK
+    blocked: list[BlockedPort] = Field(default_factory=list)
+    probe_interval_s: float
+    probes_sent: int = 0
+    probes_returned: int = Field(default=0, description="own probes that came back (on any port)")
+    peers: list[str] = Field(default_factory=list, description="VNAs whose probes reach this switch")
+    deferring_to: str | None = Field(default=None, description="a higher-id VNA on the same loop that breaks it")
+    last_detected: dt.datetime | None = None
+    last_cleared: dt.datetime | None = None
 
 
 class SwitchStatus(VnaMessage):
@@ -126,6 +163,7 @@ class SwitchStatus(VnaMessage):
     mtu: int
     ports: list[PortStatus]
     macs: dict[str, str] = Field(default_factory=dict, description="learned MAC -> port")
+    loop_protect: LoopProtectStatus | None = None
 
 
 class VnaStatus(VnaMessage):
@@ -180,10 +218,21 @@ class ConflictKind(StrEnum):
     MAC_DUPLICATE = "mac-duplicate"
     IP_DUPLICATE = "ip-duplicate"
     LOOP = "loop"
+    LOOP_BLOCKED = "loop-blocked"
+    LOOP_CLEARED = "loop-cleared"
+
+
+class LoopDetector(StrEnum):
+    """What found a loop: the VNA's own loop probe came back, or a MAC flapping between ports."""
+
+    PROBE = "probe"
+    MAC_FLAP = "mac-flap"
 
 
 class Conflict(VnaMessage):
-    """A MAC seen behind two ports, or an IP answered by two MACs."""
+    """An alert on ``sf.alert.<overlay>.<vna>``: a MAC seen behind two ports, an IP answered by two MACs,
+    or a bridged loop (``loop`` found, ``loop-blocked`` a port taken out of forwarding, ``loop-cleared``
+    the port forwards again because the redundant path is gone)."""
 
     __schema_name__ = "skyferry.v1.vna.conflict"
     vna_id: str
@@ -193,5 +242,7 @@ class Conflict(VnaMessage):
     ip: str | None = None
     ports: list[str] = Field(default_factory=list)
     macs: list[str] = Field(default_factory=list)
+    port: str | None = Field(default=None, description="loop-blocked / loop-cleared: the port")
+    detector: LoopDetector | None = Field(default=None, description="loop: how it was found")
     time: dt.datetime
     detail: str = ""

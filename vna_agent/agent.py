@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from pyroute2 import AsyncIPRoute
@@ -27,6 +27,7 @@ from bus.vna import (
     Discovery,
     FlowRecord,
     FlowStats,
+    LoopProtectStatus,
     PortStatus,
     SegmentJoin,
     SwitchStatus,
@@ -36,15 +37,18 @@ from bus.vna import (
     TunnelStatus,
     VnaStatus,
 )
-from vna_agent.conflicts import MacTracker
 from vna_agent.dataplane import Peer, PublicKey, StaticKeyPair, Switch, Tunnel, TunnelConfig
 from vna_agent.dataplane import Role as DpRole
 from vna_agent.dataplane import TunnelMode as DpMode
+from vna_agent.dataplane.switch import l2_only
 from vna_agent.dataplane.vxlan import VxlanSpec
 from vna_agent.flows import FlowTable
+from vna_agent.l2guard import AlertSink, L2Guard
+from vna_agent.loopguard import LoopTiming, PortKind
 from vna_agent.netns import NetnsLoop
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 def short_name(prefix: str, ident: str) -> str:
@@ -76,7 +80,6 @@ class OverlaySwitch:
     mtu: int
     segments: set[str] = field(default_factory=set)
     flows: FlowTable = field(default_factory=lambda: FlowTable(""))
-    macs: MacTracker = field(default_factory=MacTracker)
 
 
 @dataclass
@@ -84,11 +87,24 @@ class TunnelEntry:
     spec: TunnelAdd
     tunnel: Tunnel
 
+    @property
+    def port(self) -> str:
+        """The tunnel's port on the overlay switch (its TAP, or the kernel VXLAN device)."""
+        cfg = self.tunnel.config
+        return cfg.vxlan.name if cfg.vxlan is not None else cfg.tap_name
+
 
 class VnaAgent:
-    """State and operations of one VNA."""
+    """State and operations of one VNA.
 
-    def __init__(self, vna_id: str, state_dir: Path, *, netns: str | None = None) -> None:
+    Every switch is guarded (:mod:`vna_agent.l2guard`): MAC moves and flapping are watched as
+    the bridge learns, and loop probes find, block and clear bridged loops; the alerts go to
+    the sink set with :meth:`set_alert_sink`.
+    """
+
+    def __init__(
+        self, vna_id: str, state_dir: Path, *, netns: str | None = None, loop_timing: LoopTiming | None = None
+    ) -> None:
         self.vna_id = vna_id
         self.state_dir = state_dir
         self.netns = netns
@@ -97,6 +113,7 @@ class VnaAgent:
         self.tunnels: dict[str, TunnelEntry] = {}
         self.identity = self._load_identity()
         self.capabilities = kernel_capabilities()
+        self.guard = L2Guard(vna_id, loop_timing)
 
     def _load_identity(self) -> StaticKeyPair:
         path = self.state_dir / "identity.key"
@@ -108,13 +125,20 @@ class VnaAgent:
         return kp
 
     def start(self) -> None:
+        """Start the data-plane loop (in the VNA's namespace) and the L2 guard on it."""
         self.loop.start()
+        self.loop.call(self.guard.open)
+
+    def set_alert_sink(self, sink: AlertSink | None) -> None:
+        """Where alerts go; called on the data-plane thread, so it must be thread-safe and quick."""
+        self.guard.sink = sink
 
     async def close(self) -> None:
         for tid in list(self.tunnels):
             await self.tunnel_remove(tid)
         for ov in list(self.switches):
             await self.switch_remove(ov)
+        await self.loop.run(self.guard.stop())
         self.loop.stop()
 
     # --- switches and segments ------------------------------------------------------------------
@@ -124,8 +148,10 @@ class VnaAgent:
             return self.switches[overlay_id]
         sw = Switch(short_name("sfo", overlay_id))
         await self.loop.run(sw.create(mtu=mtu))
+        await self.loop.run(_in_ns(l2_only, sw.name))
         entry = OverlaySwitch(overlay_id, sw, mtu, flows=FlowTable(overlay_id))
         self.switches[overlay_id] = entry
+        await self.loop.run(self.guard.attach(overlay_id, sw))
         log.info("switch_created", vna=self.vna_id, overlay=overlay_id, bridge=sw.name)
         return entry
 
@@ -142,6 +168,7 @@ class VnaAgent:
                 await self.tunnel_remove(tid)
         for seg in list(sw.segments):
             await self.segment_leave(overlay_id, seg)
+        await self.loop.run(self.guard.detach(overlay_id))
         await self.loop.run(sw.switch.delete())
         del self.switches[overlay_id]
 
@@ -161,11 +188,13 @@ class VnaAgent:
                 raise AlreadyExists(f"{ifname} is already joined to overlay {other.overlay_id}")
         await self.loop.run(sw.switch.add_port(ifname, mtu=sw.mtu))
         sw.segments.add(ifname)
+        await self.loop.run(self.guard.port_added(req.overlay_id, ifname, PortKind.SEGMENT, ifname))
 
     async def segment_leave(self, overlay_id: str, interface: str) -> None:
         sw = self._switch(overlay_id)
         if interface not in sw.segments:
             raise NotFound(f"{interface} is not joined to {overlay_id}")
+        await self.loop.run(self.guard.port_removed(overlay_id, interface))
         await self.loop.run(sw.switch.remove_port(interface))
         sw.segments.discard(interface)
 
@@ -187,7 +216,13 @@ class VnaAgent:
             raise ValidationFailed("encrypted tunnels need the peer's public key")
         tunnel = Tunnel(cfg, identity=self.identity, peer=peer, flow_hook=sw.flows.hook, flow_sampler=sw.flows.sample)
         await self.loop.run(tunnel.start())
-        self.tunnels[req.tunnel_id] = TunnelEntry(req, tunnel)
+        entry = TunnelEntry(req, tunnel)
+        self.tunnels[req.tunnel_id] = entry
+        await self.loop.run(_in_ns(l2_only, entry.port))
+        peer_vna = req.peer.name if req.peer else None  # the VNM names a VNA's peer by its VNA id
+        await self.loop.run(
+            self.guard.port_added(req.overlay_id, entry.port, PortKind.TUNNEL, req.tunnel_id, peer=peer_vna)
+        )
         log.info("tunnel_added", vna=self.vna_id, tunnel=req.tunnel_id, mode=req.mode.value, role=req.role.value)
         return tunnel
 
@@ -226,6 +261,7 @@ class VnaAgent:
         entry = self.tunnels.pop(tunnel_id, None)
         if entry is None:
             raise NotFound(f"no tunnel {tunnel_id!r}")
+        await self.loop.run(self.guard.port_removed(entry.spec.overlay_id, entry.port))
         await self.loop.run(entry.tunnel.stop())
 
     # --- views ----------------------------------------------------------------------------------
@@ -254,19 +290,35 @@ class VnaAgent:
     async def switch_status(self, sw: OverlaySwitch) -> SwitchStatus:
         ports = await self.loop.run(sw.switch.ports())
         fdb = await self.loop.run(sw.switch.fdb())
-        kinds = {t.tunnel.config.tap_name: "tunnel" for t in self.tunnels.values()}
+        loop_protect = await self.loop.run(self._guard_status(sw.overlay_id))
+        kinds = {t.port: "tunnel" for t in self.tunnels.values()}
+        blocked = {b.port: b.reason for b in loop_protect.blocked} if loop_protect else {}
         return SwitchStatus(
             overlay_id=sw.overlay_id,
             bridge=sw.switch.name,
             mtu=sw.mtu,
-            ports=[PortStatus(name=p, kind=kinds.get(p, "segment" if p in sw.segments else "other")) for p in ports],
+            ports=[
+                PortStatus(
+                    name=p,
+                    kind=kinds.get(p, "segment" if p in sw.segments else "other"),
+                    blocked=p in blocked,
+                    blocked_reason=blocked.get(p),
+                )
+                for p in ports
+            ],
             macs={e.mac: e.port for e in fdb if not e.local and not e.static},
+            loop_protect=loop_protect,
         )
 
+    async def _guard_status(self, overlay_id: str) -> LoopProtectStatus | None:
+        return self.guard.status(overlay_id)
+
     async def status(self) -> VnaStatus:
+        """Switches, tunnels, health: ``degraded`` when a tunnel is not up or loop protection blocks a port."""
         switches = [await self.switch_status(sw) for sw in self.switches.values()]
         tunnels = [self.tunnel_status(t) for t in self.tunnels.values()]
-        health = "ok" if all(t.state == "up" for t in tunnels) else "degraded"
+        blocking = any(s.loop_protect and s.loop_protect.blocked for s in switches)
+        health = "ok" if all(t.state == "up" for t in tunnels) and not blocking else "degraded"
         return VnaStatus(
             vna_id=self.vna_id, health=health, switches=switches, tunnels=tunnels, capabilities=self.capabilities
         )
@@ -308,25 +360,10 @@ class VnaAgent:
         )
         return stats, conflicts
 
-    async def mac_conflicts(self) -> list[Conflict]:
-        out: list[Conflict] = []
-        now = dt.datetime.now(dt.UTC)
-        for sw in self.switches.values():
-            fdb = await self.loop.run(sw.switch.fdb())
-            table = {e.mac: e.port for e in fdb if not e.local and not e.static}
-            for obs in sw.macs.update(table, time.monotonic()):
-                out.append(
-                    Conflict(
-                        vna_id=self.vna_id,
-                        overlay_id=sw.overlay_id,
-                        kind=obs.kind,
-                        mac=obs.mac,
-                        ports=obs.ports,
-                        time=now,
-                        detail=f"{obs.mac}: {' -> '.join(obs.ports)}",
-                    )
-                )
-        return out
+
+async def _in_ns(fn: Callable[..., T], *args: Any) -> T:
+    """A plain call as a coroutine, to run it on the namespace's loop."""
+    return fn(*args)
 
 
 async def _make_vlan(parent: str, vlan_id: int) -> str:

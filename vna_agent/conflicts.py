@@ -1,4 +1,7 @@
-"""MAC conflict detection from a switch's forwarding database: moves, flapping (loops)."""
+"""MAC conflict detection from a switch's forwarding database: moves, flapping (loops).
+
+Fed by netlink FDB events (:mod:`vna_agent.fdbwatch`) as the bridge learns, or by snapshots.
+"""
 
 from __future__ import annotations
 
@@ -31,23 +34,34 @@ class MacTracker:
     _moves: dict[str, deque[float]] = field(default_factory=dict)
     _loop_reported: dict[str, float] = field(default_factory=dict)
 
-    def update(self, fdb: dict[str, str], now: float | None = None) -> list[MacObservation]:
-        """Feed ``{mac: port}``; return what changed."""
+    def observe(self, mac: str, port: str, now: float | None = None) -> MacObservation | None:
+        """One learn/move of ``mac`` onto ``port`` (a netlink FDB event); what it means, if anything."""
         t = time.monotonic() if now is None else now
-        out: list[MacObservation] = []
+        prev = self._where.get(mac)
+        self._where[mac] = port
+        if prev is None or prev == port:
+            return None
+        moves = self._moves.setdefault(mac, deque())
+        moves.append(t)
+        while moves and t - moves[0] > self.flap_window_s:
+            moves.popleft()
+        if len(moves) >= self.flap_count:
+            if t - self._loop_reported.get(mac, -1e9) > self.flap_window_s:
+                self._loop_reported[mac] = t
+                return MacObservation(ConflictKind.LOOP, mac, [prev, port])
+            return None
+        return MacObservation(ConflictKind.MAC_MOVED, mac, [prev, port])
+
+    def forget(self, mac: str) -> None:
+        """``mac`` left the table (aged out, flushed): its next learn is not a move."""
+        self._where.pop(mac, None)
+
+    def update(self, fdb: dict[str, str], now: float | None = None) -> list[MacObservation]:
+        """Feed a snapshot ``{mac: port}``; return what changed."""
+        t = time.monotonic() if now is None else now
+        out = []
         for mac, port in fdb.items():
-            prev = self._where.get(mac)
-            self._where[mac] = port
-            if prev is None or prev == port:
-                continue
-            moves = self._moves.setdefault(mac, deque())
-            moves.append(t)
-            while moves and t - moves[0] > self.flap_window_s:
-                moves.popleft()
-            if len(moves) >= self.flap_count:
-                if t - self._loop_reported.get(mac, -1e9) > self.flap_window_s:
-                    self._loop_reported[mac] = t
-                    out.append(MacObservation(ConflictKind.LOOP, mac, [prev, port]))
-            else:
-                out.append(MacObservation(ConflictKind.MAC_MOVED, mac, [prev, port]))
+            obs = self.observe(mac, port, t)
+            if obs is not None:
+                out.append(obs)
         return out

@@ -107,7 +107,7 @@ async def vnas_for(bus: Bus, tmp_path: Path):  # type: ignore[no-untyped-def]
         for vna in lab.hosts(Role.VNA):
             agent = VnaAgent(vna, tmp_path / vna, netns=lab.ns(vna))
             agent.start()
-            svc = VnaAgentService(bus, agent, flow_interval_s=3600, conflict_poll_s=0.1)
+            svc = VnaAgentService(bus, agent, flow_interval_s=3600)
             await svc.start()
             services[vna] = svc
             made[-1][1].append(svc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -14,6 +15,7 @@ from bus import codec
 from bus.messages import Empty
 from bus.vna import Ack, Conflict, FlowStats, PeerKey, TunnelAdd, TunnelRef, TunnelStatus, VnaStatus
 from tests.e2e.overlay_fixtures import Vnas, needs_root
+from vna_agent.agent import short_name
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -147,25 +149,141 @@ async def test_moved_server_is_reachable_within_a_second_of_its_garp(vnas_for) -
     assert moved.ports[-1] == lab.link("vna1", "lan1")
 
 
-async def test_bridged_loop_between_sites_is_detected(vnas_for) -> None:  # type: ignore[no-untyped-def]
+class _AlertLog:
+    """Every alert of an overlay, with the monotonic time it arrived."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, Conflict]] = []
+        self._new = asyncio.Event()
+
+    async def on_msg(self, msg) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append((time.monotonic(), Conflict.model_validate(codec.decode(msg.data))))
+        self._new.set()
+
+    async def first(
+        self, kind: str, timeout: float, *, vna: str | None = None, after: float = 0.0
+    ) -> tuple[float, Conflict]:
+        """The first alert of ``kind`` (from ``vna``) that arrived after ``after``, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for t, c in self.seen:
+                if t >= after and c.kind == kind and (vna is None or c.vna_id == vna):
+                    return t, c
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"no {kind!r} alert within {timeout}s; got {[(c.vna_id, c.kind.value) for _, c in self.seen]}"
+                )
+            self._new.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new.wait(), left)
+
+
+async def _rx_packets(vn: Vnas, ports: list[tuple[str, str]]) -> tuple[float, int]:
+    """(time, rx packets summed over the (vna, interface) ports)."""
+    total = 0
+    for vna, ifname in ports:
+        total += (await asyncio.to_thread(vn.lab.link_stats, vna, ifname))["rx_packets"]
+    return time.monotonic(), total
+
+
+async def _storm_over(vn: Vnas, ports: list[tuple[str, str]], limit_pps: float, timeout: float) -> tuple[float, float]:
+    """Wait until the tunnel ports receive less than ``limit_pps`` over a 0.2 s window; (time, that rate).
+
+    Also returns the highest rate seen before, so a storm that was there shows in the failure message.
+    """
+    deadline = time.monotonic() + timeout
+    t0, n0 = await _rx_packets(vn, ports)
+    peak = 0.0
+    while True:
+        t1, n1 = await _rx_packets(vn, ports)
+        if t1 - t0 < 0.2:
+            continue
+        rate = (n1 - n0) / (t1 - t0)
+        if rate < limit_pps:
+            return t1, peak
+        peak = max(peak, rate)
+        assert t1 < deadline, f"storm still at {rate:.0f} pps (peak {peak:.0f}) after {timeout}s"
+        t0, n0 = t1, n1
+
+
+# ARP requests for an address nobody has, every 50 ms for at most argv[2] seconds: the ordinary broadcasts of
+# a LAN, which a loop turns into a storm. Bounded in time and count; stdlib only (runs in the server's netns).
+_BROADCASTS = r"""
+import socket, struct, sys, time
+iface, seconds = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((iface, 0)); mac = s.getsockname()[4]
+arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + socket.inet_aton("10.1.1.20") + bytes(6)
+frame = b"\xff" * 6 + mac + b"\x08\x06" + arp + socket.inet_aton("10.1.1.99")
+end = time.monotonic() + min(seconds, 60)
+for _ in range(int(min(seconds, 60) * 20)):
+    if time.monotonic() > end: break
+    s.send(frame); time.sleep(0.05)
+"""
+
+
+async def test_bridged_loop_between_sites_is_detected_and_stopped(vnas_for) -> None:  # type: ignore[no-untyped-def]
+    """A second tunnel between the same two sites is a loop: found in < 1 s, the storm stopped, LAN kept.
+
+    Loop protection (``vna_agent.loopguard``) finds it by its own probes coming back and by MACs flapping;
+    vna2 (the higher id on the loop) blocks its newest tunnel port; when the first tunnel goes away, the
+    blocked one forwards again.
+    """
     vn = await _reference(vnas_for)
-    alerts = await vn.bus.nc.subscribe("sf.alert.ovnet10.>")
-    # A second path between the same two switches: every broadcast now circles forever.
-    await vn.connect("ovnet10", server="vna2", client="vna1", port=7001, tunnel="second")
+    lab = vn.lab
+    first = "ovnet10-vna2-vna1"
+    taps = [(vna, short_name("sft", t)) for vna in ("vna1", "vna2") for t in (first, "second")]
+    log = _AlertLog()
+    sub = await vn.bus.nc.subscribe("sf.alert.ovnet10.>", cb=log.on_msg)
+    chatter = lab.spawn("asw", [sys.executable, "-c", _BROADCASTS, lab.link("asw", "eth0"), "30"])
+    t_loop = time.monotonic()
     try:
-        await asyncio.to_thread(vn.lab.arp, "asw", "eth0", "10.1.1.99", count=1, timeout=0.05)
-        deadline = time.monotonic() + 5
-        kinds: set[str] = set()
-        while time.monotonic() < deadline and "loop" not in kinds:
-            try:
-                msg = await alerts.next_msg(timeout=deadline - time.monotonic())
-            except Exception:
-                break
-            kinds.add(Conflict.model_validate(codec.decode(msg.data)).kind)
-        assert "loop" in kinds
-    finally:
+        # A second path between the same two switches: every broadcast now circles forever.
+        t_loop = time.monotonic()  # the loop cannot exist before its tunnel does: latencies count from here
+        await vn.connect("ovnet10", server="vna2", client="vna1", port=7001, tunnel="second")
+        t_found, found = await log.first("loop", timeout=5, after=t_loop)
+        latency = t_found - t_loop
+        print(f"loop alert {latency * 1000:.0f} ms after the second tunnel was added ({found.vna_id}: {found.detail})")
+        assert latency < 1.0, latency
+
+        t_blocked, blocked = await log.first("loop-blocked", timeout=3, after=t_loop)
+        assert blocked.vna_id == "vna2" and blocked.port == short_name("sft", "second"), blocked  # the redundant one
+        t_calm, peak = await _storm_over(vn, taps, limit_pps=300, timeout=2)
+        print(f"blocked after {(t_blocked - t_loop) * 1000:.0f} ms; calm {(t_calm - t_blocked) * 1000:.0f} ms later")
+        assert t_calm - t_blocked < 1.0, (t_calm - t_blocked, peak)
+        _, again = await _storm_over(vn, taps, limit_pps=300, timeout=0.5)  # and it stays calm
+        assert again == 0.0
+        assert not [c for t, c in log.seen if c.kind == "loop-blocked" and c is not blocked]  # one block, one VNA
+
+        status = await vn.cmd("vna2", "status", Empty(), VnaStatus)
+        guard = status.switches[0].loop_protect
+        assert guard is not None and guard.state == "blocking" and status.health == "degraded"
+        assert [(b.port, b.label) for b in guard.blocked] == [(blocked.port, "second")]
+        port = next(p for p in status.switches[0].ports if p.name == blocked.port)
+        assert port.blocked and port.blocked_reason and "loop" in port.blocked_reason
+        assert await _ping_ok(vn, "asw", "10.1.1.10")  # the LAN still spans both sites, over the first tunnel
+
+        # The topology is fixed by taking the *first* tunnel away: the blocked one forwards again.
+        t_fix = time.monotonic()
         for vna in ("vna1", "vna2"):
-            await vn.cmd(vna, "tunnel_remove", TunnelRef(tunnel_id="second"), Ack)
+            await vn.cmd(vna, "tunnel_remove", TunnelRef(tunnel_id=first), Ack)
+        _, cleared = await log.first("loop-cleared", timeout=5, vna="vna2", after=t_fix)
+        assert cleared.port == blocked.port
+        assert await _ping_ok(vn, "asw", "10.1.1.10")
+        status = await vn.cmd("vna2", "status", Empty(), VnaStatus)
+        guard = status.switches[0].loop_protect
+        assert guard is not None and guard.state == "ok" and not guard.blocked
+        assert not any(p.blocked for p in status.switches[0].ports)
+    finally:
+        chatter.kill()
+        chatter.wait(5)
+        await sub.unsubscribe()
+        for t, c in log.seen:  # the story, for the record (pytest -s) and for a failure
+            print(f"  +{(t - t_loop) * 1000:6.0f} ms {c.vna_id} {c.kind.value} {c.port or ''} {c.detail}")
+        for vna in ("vna1", "vna2"):
+            for tid in (first, "second"):
+                if tid in vn.agents[vna].agent.tunnels:
+                    await vn.cmd(vna, "tunnel_remove", TunnelRef(tunnel_id=tid), Ack)
 
 
 async def test_three_sites_two_overlapping_overlays_stay_isolated(vnas_for) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -25,6 +26,8 @@ log = structlog.get_logger("vna_agent.dataplane.switch")
 NUD_PERMANENT = 0x80
 NUD_NOARP = 0x40
 USER_HZ = 100
+#: Bridge port attributes :meth:`Switch.port_flags` reads (:mod:`.brport` writes them).
+PORT_FLAGS = ("learning", "unicast_flood", "mcast_flood", "bcast_flood", "locked", "multicast_router")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,21 @@ class FdbEntry:
     local: bool
     static: bool
     age: float | None  # seconds since last refreshed (dynamic entries)
+
+
+def l2_only(ifname: str) -> bool:
+    """Turn IPv6 off on an interface that only carries overlay frames (the bridge, tunnel ports).
+
+    Otherwise the kernel sends the VNA's own link-local ND and MLD frames from it into the
+    overlay (and out of a port loop protection blocked: frames the bridge itself sends ignore
+    the ports' flood flags). Call in the interface's namespace; ``False`` if it could not.
+    """
+    try:
+        (Path("/proc/sys/net/ipv6/conf") / ifname / "disable_ipv6").write_text("1")
+    except OSError as exc:
+        log.info("ipv6_not_disabled", interface=ifname, error=str(exc))
+        return False
+    return True
 
 
 async def collect(result: Any) -> list[Any]:
@@ -149,6 +167,25 @@ class Switch:
                     FdbEntry(str(m.get_attr("NDA_LLADDR")), names.get(int(m["ifindex"]), "?"), local, static, age)
                 )
             return out
+
+    async def port_flags(self, ifname: str) -> dict[str, int]:
+        """The port's forwarding flags (:data:`PORT_FLAGS`) as the kernel reports them."""
+        try:
+            async with self._ipr() as ipr:
+                idx = await self._index(ipr, ifname)
+                msgs = await collect(await ipr.link("get", index=idx))
+        except NetlinkError as exc:
+            raise SwitchError(f"cannot read port {ifname} of {self.name}: {exc}") from exc
+        info = msgs[0].get_attr("IFLA_LINKINFO") if msgs else None
+        data = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
+        if data is None:
+            raise SwitchError(f"{ifname} is not a port of {self.name}", details={"netns": self.netns})
+        out: dict[str, int] = {}
+        for name in PORT_FLAGS:
+            value = data.get_attr(f"IFLA_BRPORT_{name.upper()}")
+            if value is not None:
+                out[name] = int(value)
+        return out
 
     async def lookup(self, mac: str) -> str | None:
         """The port a MAC is learned on, if any."""
