@@ -452,18 +452,39 @@ class LoopCore:
         self._last_evidence = self._last_loop_seen = now
         if LoopDetector.PROBE not in self._episode_alerted:
             self.request_round(now)  # find the loop's ports (later rounds would only feed the storm)
-        if LoopDetector.MAC_FLAP in self._episode_alerted:
-            return []
-        self._detected(LoopDetector.MAC_FLAP)
-        return [
-            Alert(
-                ConflictKind.LOOP,
-                f"{mac} flapping between {' and '.join(ports)}: a bridged loop",
-                ports=tuple(ports),
-                mac=mac,
-                detector=LoopDetector.MAC_FLAP,
+        out: list[Action] = []
+        if LoopDetector.MAC_FLAP not in self._episode_alerted:
+            self._detected(LoopDetector.MAC_FLAP)
+            out.append(
+                Alert(
+                    ConflictKind.LOOP,
+                    f"{mac} flapping between {' and '.join(ports)}: a bridged loop",
+                    ports=tuple(ports),
+                    mac=mac,
+                    detector=LoopDetector.MAC_FLAP,
+                )
             )
-        ]
+        out.extend(self._parallel_block(ports, now))
+        return out
+
+    def _parallel_block(self, ports: list[str], now: float) -> list[Action]:
+        """A MAC flapping between two forwarding tunnels to the same lower-id VNA: parallel links between two
+        switches are a loop whatever else is there, and this is its higher end, so block now. (Probes say the
+        same, but in a storm they may queue behind it in the tunnels for a second or more.)"""
+        if len(ports) != 2 or ports[0] == ports[1]:
+            return []
+        a, b = (self.ports.get(n) for n in ports)
+        if a is None or b is None or a.blocked_since is not None or b.blocked_since is not None:
+            return []
+        if a.kind is not PortKind.TUNNEL or b.kind is not PortKind.TUNNEL or a.peer is None or a.peer != b.peer:
+            return []
+        peer = self._peers.get(a.peer)
+        if peer is None or now - peer.last_seen > self.t.neighbour_s or not peer.vna_id < self.vna_id:
+            return []
+        x, y = sorted((a.name, b.name))
+        pair = _Pair((x, y), now, now, now)
+        why = f"a MAC flaps between {x} and {y}, two tunnels to {a.peer}"
+        return self._block([pair], now, why=why)
 
     def in_episode(self, now: float) -> bool:
         """An unbroken loop was seen lately (MAC moves are its symptoms then, not servers that moved)."""
@@ -479,7 +500,7 @@ class LoopCore:
                 continue
             seen = [p.last_seen for k, p in self._pairs.items() if port.name in k]
             last = max([port.blocked_since, self._epoch, *seen])  # quiet since the last change, too
-            if now - last > self.t.clear_s:
+            if now - last > self._clear_after(port):
                 out.extend(self._unblock(port, now))
         stale = now - 2 * self.t.clear_s
         if any(p.last_seen < stale for p in self._pairs.values()):
@@ -567,13 +588,13 @@ class LoopCore:
         return out
 
     def _neighbours(self, now: float, cands: list[_Pair]) -> set[str] | None:
-        """The VNAs at the far ends of my loop ports, if all are tunnels whose named peer is heard there."""
+        """The VNAs at the far ends of my loop ports, if all are tunnels whose named peer is heard (lately)."""
         out = set()
         for name in {n for c in cands for n in c.ports}:
             peer = self.ports[name].peer
             known = self._peers.get(peer) if peer else None
-            if known is None or now - known.seen_on.get(name, -1e18) > self.t.neighbour_s:
-                return None
+            if known is None or now - known.last_seen > self.t.neighbour_s:
+                return None  # a segment, or a name no probing VNA goes by
             out.add(known.vna_id)
         return out
 
@@ -600,13 +621,23 @@ class LoopCore:
         ports = [self.ports[n] for n in names]
         return max(ports, key=lambda p: (p.kind is PortKind.TUNNEL, p.order, p.name))
 
-    def _block(self, cands: list[_Pair], now: float) -> list[Action]:
+    def _clear_after(self, port: _Port) -> float:
+        """Quiet time before a blocked port forwards again. Longer at the higher end of a tunnel (and a little
+        different per VNA otherwise): when both ends of one link blocked because neither heard the other in
+        time, the lower lets go first, its probes show the higher end the loop again, and that one keeps it."""
+        if port.peer is not None and port.peer > self.vna_id:
+            return self.t.clear_s
+        spread = hashlib.sha256(self.vna_id.encode()).digest()[0] / 255
+        return self.t.clear_s * (2 + spread / 4)
+
+    def _block(self, cands: list[_Pair], now: float, *, why: str = "") -> list[Action]:
         port = self._choose(cands)
         pair = next(c for c in cands if port.name in c.ports)
         other = pair.ports[0] if pair.ports[1] == port.name else pair.ports[1]
         port.blocked_since = now
         port.blocked_wall = dt.datetime.now(dt.UTC)
-        port.block_reason = f"loop through {other} and {port.name}: own loop probes cross between them"
+        why = why or "own loop probes cross between them"
+        port.block_reason = f"loop through {other} and {port.name}: {why}"
         port.loop_ports = pair.ports
         self._last_loop_seen = now  # the storm's echoes still arrive for a moment
         self._tc = (self._tc + 1) & 0xFFFF
@@ -631,7 +662,7 @@ class LoopCore:
         self._topology_change(now)
         self.request_round(now)
         self.last_cleared = dt.datetime.now(dt.UTC)
-        reason = f"no loop probe crossed {port.name} for {self.t.clear_s:g} s: the redundant path is gone"
+        reason = f"no loop probe crossed {port.name} for {self._clear_after(port):.1f} s: the redundant path is gone"
         return [
             Unblock(port.name, reason),
             Flush(f"unblocked {port.name}"),

@@ -174,7 +174,7 @@ async def test_a_loop_between_two_bridges_is_found_blocked_and_the_storm_stops(n
         ip(ns, "link", "del", "a1")  # the first link goes: b2 forwards again
         await loops["vna-a"].run(guards["vna-a"].port_removed("ov", "a1"))
         await loops["vna-b"].run(guards["vna-b"].port_removed("ov", "b1"))
-        await _until(lambda: any(c.kind == ConflictKind.LOOP_CLEARED for _, c in alerts), timeout=3)
+        await _until(lambda: any(c.kind == ConflictKind.LOOP_CLEARED for _, c in alerts), timeout=5)
         assert [(c.vna_id, c.port) for _, c in alerts if c.kind == ConflictKind.LOOP_CLEARED] == [("vna-b", "b2")]
         assert await loops["vna-b"].run(Switch("brb").port_flags("b2")) == {
             "learning": 1,
