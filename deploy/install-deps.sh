@@ -2,6 +2,9 @@
 # Debian packages Skyferry needs on a fresh machine (idempotent; quiet when all are present).
 set -euo pipefail
 need=()
+# iproute2: ip (namespaces, links), bridge and tc for the lab and the VNA agent. The lab's reachability
+# probes and the tests' broadcasts are plain Python (deploy/lab/probe.py, AF_PACKET), so the overlay e2e
+# tests need no ping (iputils-ping) or arping binary.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # The tunnels' native fast path (vna_agent/dataplane/_fastpath.c, built by pip): a C compiler,

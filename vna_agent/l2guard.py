@@ -11,13 +11,14 @@ carries them out:
 
 * *block* a port: bridge port ``locked`` (frames from MACs not learned on it are
   dropped on ingress, without roaming), ``learning`` off, unicast, multicast and
-  broadcast flooding off, multicast router off, and its learned MACs flushed:
-  nothing enters or leaves it any more, while probes still do (the packet socket
-  sends and receives below the bridge). STP port states cannot be used: with the
+  broadcast flooding off, multicast router off, and its learned MACs flushed, in one
+  synchronous netlink message (:mod:`vna_agent.dataplane.brport`): nothing enters or
+  leaves it any more, while probes still do (the packet socket sends and receives
+  below the bridge). STP port states cannot be used: with the
   bridge's STP off the kernel puts every port back to forwarding at once, and
   kernel STP (the only STP a namespace gets) takes seconds and would join the
   customers' own spanning trees over the segments.
-* *unblock*: the port's previous flags come back.
+* *unblock*: the port's flags as they were when it joined come back.
 * *flush*: forget every learned MAC of the bridge (after a topology change).
 * *alert*: a :class:`bus.vna.Conflict` to the sink (the service publishes it).
 """
