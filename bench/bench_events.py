@@ -221,6 +221,26 @@ def dist_ms(values: Sequence[float]) -> dict[str, float]:
     return {"p50_ms": at(50), "p99_ms": at(99), "max_ms": xs[-1] * 1000}
 
 
+def cpu_pressure() -> float | None:
+    """Share of the last 10 s in which some runnable task waited for a CPU (Linux PSI), in %."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(line.split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def loadavg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -804,8 +824,13 @@ async def run_backend(cfg: Config, backend: str, sync: str, repeat: int, tmp: Pa
     tag = f"r{repeat}-{backend}-{uuid.uuid4().hex[:6]}"
     durable = "bench-projector"
     n = cfg.events_for(sync)
-    out: dict[str, Any] = {"backend": backend, "sync": sync, "loadavg_before": loadavg()}
-    paced: list[tuple[str, AppendPhase]] = []
+    out: dict[str, Any] = {
+        "backend": backend,
+        "sync": sync,
+        "loadavg_before": loadavg(),
+        "cpu_pressure_before": cpu_pressure(),
+    }
+    paced: list[tuple[str, AppendPhase, dict[str, Any]]] = []
     name = f"{backend}{repeat}{sync.replace('always', 'a')}"
     async with (
         EmbeddedNatsServer(ServerConfig(sync_interval=sync)) as server,
@@ -866,13 +891,14 @@ async def run_backend(cfg: Config, backend: str, sync: str, repeat: int, tmp: Pa
                 }
             # (5) Paced appends, the runner live: lag from each append's ack to its commit.
             rates = [r for r in cfg.paced_rates if sync != "always" or r < main.per_s]
+            pids = {"runner": proc.pid, "nats": server.pid, "writers": os.getpid()}
             for rate in rates:
-                paced.append(("fixed", await _paced(cfg, buses, targets, tag, rate, bus, durable)))
+                paced.append(("fixed", *await _paced(cfg, buses, targets, tag, rate, bus, durable, pids)))
             if sync == "always" and cfg.sustain:
                 rate = _round_rate(SUSTAIN_START * main.per_s)
                 for _ in range(SUSTAIN_TRIES):
-                    ph = await _paced(cfg, buses, targets, tag, rate, bus, durable)
-                    paced.append(("sustain", ph))
+                    ph, usage = await _paced(cfg, buses, targets, tag, rate, bus, durable, pids)
+                    paced.append(("sustain", ph, usage))
                     if ph.per_s >= SUSTAINED_SHARE * rate or rate <= 50:
                         break
                     rate = _round_rate(min(SUSTAIN_START * ph.per_s, 0.8 * rate))
@@ -898,8 +924,9 @@ async def run_backend(cfg: Config, backend: str, sync: str, repeat: int, tmp: Pa
             "sustained": bool(ph.rate) and ph.per_s >= SUSTAINED_SHARE * float(ph.rate or 0),
             "append_latency": ph.latency,
             "lag": lag_figures(ph.acks, commits),
+            "usage": usage,
         }
-        for kind, ph in paced
+        for kind, ph, usage in paced
     ]
     sustained = [p for p in out["paced"] if p["sustained"]]
     if sync == "always" and sustained:
@@ -930,14 +957,35 @@ def _round_rate(rate: float) -> int:
 
 
 async def _paced(
-    cfg: Config, buses: Sequence[Bus], targets: Sequence[Target], tag: str, rate: int, bus: Bus, durable: str
-) -> AppendPhase:
-    """Appends at ``rate`` for ``paced_seconds``, then wait until the runner has projected them."""
+    cfg: Config,
+    buses: Sequence[Bus],
+    targets: Sequence[Target],
+    tag: str,
+    rate: int,
+    bus: Bus,
+    durable: str,
+    pids: dict[str, int | None],
+) -> tuple[AppendPhase, dict[str, Any]]:
+    """Appends at ``rate`` for ``paced_seconds``, then wait until the runner has projected them.
+
+    Also returns the CPU share (% of one CPU) the runner, nats-server and the writers got
+    during the appends, and the machine's CPU pressure at the end of them.
+    """
     n = max(len(targets), int(rate * cfg.paced_seconds))
+    before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    t0 = time.perf_counter()
     ph = await append_phase(buses, targets, n, inflight=cfg.inflight, tag=tag, rate=rate, duration=cfg.paced_seconds)
+    wall = time.perf_counter() - t0
+    usage: dict[str, Any] = {
+        f"{k}_cpu_pct": (cpu_seconds(pid) - before[k]) / wall * 100 if wall else math.nan for k, pid in pids.items()
+    }
+    usage["cpu_pressure_pct"] = cpu_pressure()
     await wait_projected(bus, durable, ph.last_position, cfg.catch_up_timeout)
-    log(f"    paced {rate}/s: achieved {ph.per_s:.0f}/s over {ph.seconds:.1f} s")
-    return ph
+    log(
+        f"    paced {rate}/s: achieved {ph.per_s:.0f}/s over {ph.seconds:.1f} s; "
+        + ", ".join(f"{k} {v:.0f}%" for k, v in usage.items() if v is not None)
+    )
+    return ph, usage
 
 
 # --- (d) signed commands through the real manager ------------------------------------------------
@@ -1220,6 +1268,18 @@ def _metrics(backends: Sequence[str], cfg: dict[str, Any]) -> list[Metric]:
                         "ms",
                         _getter(run, "paced", at, "lag", "max_ms"),
                     ),
+                    Metric(
+                        f"{run}.paced{rate}.runner_cpu_pct",
+                        f"{n}: runner CPU at {rate:,}/s",
+                        "%",
+                        _getter(run, "paced", at, "usage", "runner_cpu_pct"),
+                    ),
+                    Metric(
+                        f"{run}.paced{rate}.pressure_pct",
+                        f"{n}: CPU pressure at {rate:,}/s",
+                        "%",
+                        _getter(run, "paced", at, "usage", "cpu_pressure_pct"),
+                    ),
                 ]
             if sync == "always":
                 out += [
@@ -1252,6 +1312,18 @@ def _metrics(backends: Sequence[str], cfg: dict[str, Any]) -> list[Metric]:
                         f"{n}: lag max there",
                         "ms",
                         _getter(run, "sustained", "lag", "max_ms"),
+                    ),
+                    Metric(
+                        f"{run}.sustained.runner_cpu_pct",
+                        f"{n}: runner CPU there",
+                        "%",
+                        _getter(run, "sustained", "usage", "runner_cpu_pct"),
+                    ),
+                    Metric(
+                        f"{run}.sustained.pressure_pct",
+                        f"{n}: CPU pressure there",
+                        "%",
+                        _getter(run, "sustained", "usage", "cpu_pressure_pct"),
                     ),
                 ]
             limit = TARGET_REBUILD_S_PER_100K * events / 100_000
@@ -1372,8 +1444,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f" visible, appends paced for {cfg['paced_seconds']:g} s per rate, the runner live; target p99 <"
         f" {TARGET_LAG_P99_MS:.0f} ms at {TARGET_LAG_RATE:,}/s:",
         "",
-        "| sync_interval | database | offered /s | achieved /s | lag p50 ms | lag p99 ms | lag max ms |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| sync_interval | database | offered /s | achieved /s | lag p50 ms | lag p99 ms | lag max ms"
+        " | runner CPU % | CPU pressure % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for y, b in runs:
         r = run_key(b, y)
@@ -1384,14 +1457,16 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {y} | {names[b]} | {rate:,} | {_cell(summary, key + '.achieved')}"
                 f" | {_cell(summary, key + '.lag_p50_ms')} | {_cell(summary, key + '.lag_p99_ms', target=True)}"
-                f" | {_cell(summary, key + '.lag_max_ms')} |"
+                f" | {_cell(summary, key + '.lag_max_ms')} | {_cell(summary, key + '.runner_cpu_pct')}"
+                f" | {_cell(summary, key + '.pressure_pct')} |"
             )
         if f"{r}.sustained.rate" in summary:
             key = f"{r}.sustained"
             lines.append(
                 f"| {y} | {names[b]} | **highest sustained**: {_cell(summary, key + '.rate')}"
                 f" | {_cell(summary, key + '.achieved')} | {_cell(summary, key + '.lag_p50_ms')}"
-                f" | {_cell(summary, key + '.lag_p99_ms')} | {_cell(summary, key + '.lag_max_ms')} |"
+                f" | {_cell(summary, key + '.lag_p99_ms')} | {_cell(summary, key + '.lag_max_ms')}"
+                f" | {_cell(summary, key + '.runner_cpu_pct')} | {_cell(summary, key + '.pressure_pct')} |"
             )
     lines += [
         "",
@@ -1445,7 +1520,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         " sustained.",
         "- **Rebuild**: `Projector.rebuild` of an empty database from the stream (`StreamReader`): tables dropped"
         " and recreated, every event replayed.",
-        "- **Runner CPU**: the runner process's CPU seconds over every event it projected (all phases).",
+        "- **Runner CPU**: the runner process's CPU seconds over every event it projected (all phases); in the"
+        " lag table, the share of one CPU it got while the appends were paced (`/proc/<pid>/stat`). **CPU"
+        " pressure**: Linux PSI `some avg10` of `/proc/pressure/cpu` at the end of the paced appends, the share of"
+        " time in which at least one runnable task waited for a CPU (0: idle machine; ours and other users' work"
+        " alike).",
         "",
         f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), Python {facts['python']}, {facts['nats_server']}"
         + (f", PostgreSQL {facts['postgresql']}" if facts.get("postgresql") else "")

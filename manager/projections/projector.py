@@ -484,6 +484,10 @@ class Projector:
         if self.url.get_backend_name() == "postgresql":
             if self._pg is None:
                 self._pg = await self.engine.raw_connection()
+                # Commits are not waited for on the WAL flush: a database crash loses the last
+                # batches, position included (one transaction), and the runner applies them again.
+                fresh: asyncpg.Connection = self._pg.driver_connection
+                await fresh.execute("SET synchronous_commit = off")
             conn: asyncpg.Connection = self._pg.driver_connection
             async with conn.transaction():
                 return await self._apply(PgSql(conn, self.schema), events, allow_gap)
