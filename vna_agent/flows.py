@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from vna_agent.dataplane.stats import Direction, parse_frame
+from vna_agent.loopguard import PROBE_ETHERTYPE
 
 ETH_P_ARP = 0x0806
 _VNET = 10
@@ -34,7 +35,7 @@ class FlowTable:
     def sample(self, head: memoryview | bytes, length: int, segments: int, vnet: bool, direction: Direction) -> None:
         """The native fast path's FlowSampler: a frame's head, its length and wire packets (0: work it out)."""
         info = parse_frame(head, vnet)
-        if info is None:
+        if info is None or info.ethertype == PROBE_ETHERTYPE:  # loop probes are the overlay's own, not a flow
             return
         size = length - (_VNET if vnet else 0)
         with self.lock:

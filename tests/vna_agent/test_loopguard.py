@@ -307,3 +307,15 @@ def _pair(a: str, b: str, now: float):  # type: ignore[no-untyped-def]
 
     x, y = sorted((a, b))
     return _Pair((x, y), now, now, now)
+
+
+def test_loop_probes_are_not_counted_as_flows() -> None:
+    from vna_agent.dataplane.stats import Direction
+    from vna_agent.flows import FlowTable
+
+    table = FlowTable("ov")
+    core = LoopCore("vna1", "ov")
+    core.add_port("a", PortKind.TUNNEL, "a", 0.0)
+    ((_, frame),) = core.make_round(0.0)
+    table.hook(memoryview(frame), False, Direction.OUT)
+    assert table.drain()[2] == {}
