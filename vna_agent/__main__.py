@@ -5,18 +5,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from pathlib import Path
+
+import structlog
 
 from bus.connection import Bus, BusConfig
 from bus.logs import configure_logging
 from vna_agent.agent import VnaAgent
 from vna_agent.service import VnaAgentService
+from vna_agent.state import AgentStateError
+
+log = structlog.get_logger("vna_agent")
+#: Exit status when the state directory cannot be used (EX_CONFIG).
+EXIT_STATE = 78
 
 
 async def _run(args: argparse.Namespace) -> None:
+    agent = VnaAgent(args.vna_id, args.state_dir, netns=args.netns)  # reads state.json first
     bus = await Bus.connect(BusConfig.from_url(args.server, name=f"vna-{args.vna_id}", nkey_seed_file=args.nkey_file))
-    agent = VnaAgent(args.vna_id, args.state_dir, netns=args.netns)
     agent.start()
+    await agent.restore()  # before the first command: a re-run then finds its spec in place
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -40,7 +49,11 @@ def main() -> None:
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args()
     configure_logging(args.log_level)
-    asyncio.run(_run(args))
+    try:
+        asyncio.run(_run(args))
+    except AgentStateError as exc:
+        log.error("agent_start_failed", vna=args.vna_id, state_dir=str(args.state_dir), error=exc.message)
+        sys.exit(EXIT_STATE)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import structlog
 from pyroute2 import AsyncIPRoute
 
-from bus.errors import AlreadyExists, NotFound, Unsupported, ValidationFailed
+from bus.errors import AlreadyExists, NotFound, SkyferryError, Unsupported, ValidationFailed
 from bus.vna import (
     Conflict,
     ConflictKind,
@@ -30,6 +30,7 @@ from bus.vna import (
     LoopProtectStatus,
     PortStatus,
     SegmentJoin,
+    SwitchCreate,
     SwitchStatus,
     TunnelAdd,
     TunnelMode,
@@ -46,6 +47,7 @@ from vna_agent.flows import FlowTable
 from vna_agent.l2guard import AlertSink, L2Guard
 from vna_agent.loopguard import LoopTiming, PortKind
 from vna_agent.netns import NetnsLoop
+from vna_agent.state import DesiredState, JoinRecord, StateFileCorrupt, StateStore
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -94,12 +96,26 @@ class TunnelEntry:
         return cfg.vxlan.name if cfg.vxlan is not None else cfg.tap_name
 
 
+@dataclass(frozen=True)
+class RestoreFailure:
+    """One piece of the stored configuration that could not be re-applied on start."""
+
+    kind: str  # switch | join | tunnel
+    ident: str
+    error: str
+
+
 class VnaAgent:
     """State and operations of one VNA.
 
     Every switch is guarded (:mod:`vna_agent.l2guard`): MAC moves and flapping are watched as
     the bridge learns, and loop probes find, block and clear bridged loops; the alerts go to
     the sink set with :meth:`set_alert_sink`.
+
+    The accepted configuration is kept in ``<state_dir>/state.json`` (:mod:`vna_agent.state`),
+    rewritten atomically by every command that changes it before the command returns, and
+    re-applied by :meth:`restore` on start. :meth:`close` takes the data plane down and keeps
+    the file: only the removal commands shrink it.
     """
 
     def __init__(
@@ -114,6 +130,13 @@ class VnaAgent:
         self.identity = self._load_identity()
         self.capabilities = kernel_capabilities()
         self.guard = L2Guard(vna_id, loop_timing)
+        self.store = StateStore(state_dir, vna_id)
+        loaded = self.store.load()
+        self.desired: DesiredState = loaded.state
+        #: The state file was bad and moved aside at start (the agent started empty).
+        self.state_error: StateFileCorrupt | None = loaded.error
+        self.state_quarantined: Path | None = loaded.quarantined
+        self.restore_failures: list[RestoreFailure] = []
 
     def _load_identity(self) -> StaticKeyPair:
         path = self.state_dir / "identity.key"
@@ -134,17 +157,63 @@ class VnaAgent:
         self.guard.sink = sink
 
     async def close(self) -> None:
+        """Take the data plane down (tunnels, joins, bridges); the stored configuration stays."""
         for tid in list(self.tunnels):
-            await self.tunnel_remove(tid)
+            await self._stop_tunnel(tid)
         for ov in list(self.switches):
-            await self.switch_remove(ov)
+            await self._delete_switch(ov)
         await self.loop.run(self.guard.stop())
         self.loop.stop()
 
+    def _persist(self) -> None:
+        """Write the desired configuration now (raises :class:`~vna_agent.state.StateWriteFailed`)."""
+        self.store.save(self.desired)
+
+    async def restore(self) -> list[RestoreFailure]:
+        """Re-apply the stored configuration: adopt the bridges, re-join segments, re-create tunnels.
+
+        What fails is logged and kept in the file (a re-run of its command applies it again, a
+        removal forgets it); it does not stop the rest.
+        """
+        wanted = self.desired.model_copy(deep=True)
+        failures: list[RestoreFailure] = []
+
+        async def attempt(kind: str, ident: str, step: Awaitable[Any]) -> None:
+            try:
+                await step
+            except Exception as exc:  # one bad piece must not keep the rest (or the agent) down
+                failures.append(RestoreFailure(kind, ident, str(exc)))
+                log.error(
+                    "restore_failed", vna=self.vna_id, kind=kind, id=ident, error=str(exc), type=type(exc).__name__
+                )
+
+        for sc in wanted.switches.values():
+            await attempt("switch", sc.overlay_id, self.switch_create(sc.overlay_id, sc.mtu, persist=False))
+        for jr in wanted.joins:
+            await attempt("join", f"{jr.request.overlay_id}/{jr.port}", self.segment_join(jr.request, persist=False))
+        for ta in wanted.tunnels.values():
+            await attempt("tunnel", ta.tunnel_id, self.tunnel_add(ta, persist=False))
+        self.restore_failures = failures
+        log.info(
+            "state_restored",
+            vna=self.vna_id,
+            switches=len(self.switches),
+            joins=sum(len(s.segments) for s in self.switches.values()),
+            tunnels=len(self.tunnels),
+            failed=len(failures),
+        )
+        return failures
+
     # --- switches and segments ------------------------------------------------------------------
 
-    async def switch_create(self, overlay_id: str, mtu: int) -> OverlaySwitch:
+    async def switch_create(self, overlay_id: str, mtu: int, *, persist: bool = True) -> OverlaySwitch:
+        """Create (or adopt) the overlay's bridge; stored before it returns."""
         if overlay_id in self.switches:
+            if persist and overlay_id not in self.desired.switches:  # a previous store failed
+                self.desired.switches[overlay_id] = SwitchCreate(
+                    overlay_id=overlay_id, mtu=self.switches[overlay_id].mtu
+                )
+                self._persist()
             return self.switches[overlay_id]
         sw = Switch(short_name("sfo", overlay_id))
         await self.loop.run(sw.create(mtu=mtu))
@@ -152,6 +221,9 @@ class VnaAgent:
         entry = OverlaySwitch(overlay_id, sw, mtu, flows=FlowTable(overlay_id))
         self.switches[overlay_id] = entry
         await self.loop.run(self.guard.attach(overlay_id, sw))
+        if persist:
+            self.desired.switches[overlay_id] = SwitchCreate(overlay_id=overlay_id, mtu=mtu)
+            self._persist()
         log.info("switch_created", vna=self.vna_id, overlay=overlay_id, bridge=sw.name)
         return entry
 
@@ -162,17 +234,33 @@ class VnaAgent:
         return sw
 
     async def switch_remove(self, overlay_id: str) -> None:
+        """Remove the switch with its tunnels and joins, and forget them."""
+        if overlay_id not in self.switches and overlay_id in self.desired.switches:  # never restored
+            self.forget_switch(overlay_id)
+            return
+        await self._delete_switch(overlay_id)
+        self.forget_switch(overlay_id)
+
+    async def _delete_switch(self, overlay_id: str) -> None:
         sw = self._switch(overlay_id)
         for tid, t in list(self.tunnels.items()):
             if t.spec.overlay_id == overlay_id:
-                await self.tunnel_remove(tid)
+                await self._stop_tunnel(tid)
         for seg in list(sw.segments):
-            await self.segment_leave(overlay_id, seg)
+            await self._leave(overlay_id, seg)
         await self.loop.run(self.guard.detach(overlay_id))
         await self.loop.run(sw.switch.delete())
         del self.switches[overlay_id]
 
-    async def segment_join(self, req: SegmentJoin) -> None:
+    def forget_switch(self, overlay_id: str) -> None:
+        """Drop a switch (its joins, its tunnels) from the stored configuration."""
+        before = self.desired.model_copy(deep=True)
+        self.desired.drop_switch(overlay_id)
+        if self.desired != before:
+            self._persist()
+
+    async def segment_join(self, req: SegmentJoin, *, persist: bool = True) -> None:
+        """Put a local segment on the switch; stored before it returns."""
         sw = self._switch(req.overlay_id)
         if req.vlan_id is not None and not self.capabilities["vlan_8021q"]:
             raise Unsupported(
@@ -183,20 +271,44 @@ class VnaAgent:
         ifname = req.interface
         if req.vlan_id is not None:
             ifname = await self.loop.run(_make_vlan(req.interface, req.vlan_id))
+        if ifname in sw.segments:  # joined already: the same answer (stored, if a previous store failed)
+            if persist and self.desired.join(req.overlay_id, ifname) is None:
+                self.desired.joins.append(JoinRecord(port=ifname, request=req))
+                self._persist()
+            return
         for other in self.switches.values():
             if ifname in other.segments:
                 raise AlreadyExists(f"{ifname} is already joined to overlay {other.overlay_id}")
         await self.loop.run(sw.switch.add_port(ifname, mtu=sw.mtu))
         sw.segments.add(ifname)
         await self.loop.run(self.guard.port_added(req.overlay_id, ifname, PortKind.SEGMENT, ifname))
+        if persist:
+            self.desired.drop_join(req.overlay_id, ifname)
+            self.desired.joins.append(JoinRecord(port=ifname, request=req))
+            self._persist()
 
     async def segment_leave(self, overlay_id: str, interface: str) -> None:
+        """Detach a segment from the switch and forget the join."""
+        sw = self.switches.get(overlay_id)
+        if (sw is None or interface not in sw.segments) and self.desired.join(overlay_id, interface) is not None:
+            self.forget_join(overlay_id, interface)  # never restored
+            return
         sw = self._switch(overlay_id)
         if interface not in sw.segments:
             raise NotFound(f"{interface} is not joined to {overlay_id}")
+        await self._leave(overlay_id, interface)
+        self.forget_join(overlay_id, interface)
+
+    async def _leave(self, overlay_id: str, interface: str) -> None:
+        sw = self._switch(overlay_id)
         await self.loop.run(self.guard.port_removed(overlay_id, interface))
         await self.loop.run(sw.switch.remove_port(interface))
         sw.segments.discard(interface)
+
+    def forget_join(self, overlay_id: str, interface: str) -> None:
+        """Drop a segment join from the stored configuration."""
+        if self.desired.drop_join(overlay_id, interface):
+            self._persist()
 
     async def mac_flush(self, overlay_id: str, mac: str) -> int:
         sw = self._switch(overlay_id)
@@ -204,7 +316,8 @@ class VnaAgent:
 
     # --- tunnels --------------------------------------------------------------------------------
 
-    async def tunnel_add(self, req: TunnelAdd) -> Tunnel:
+    async def tunnel_add(self, req: TunnelAdd, *, persist: bool = True) -> Tunnel:
+        """Start a tunnel on its switch; stored before it returns (undone if it cannot be stored)."""
         if req.tunnel_id in self.tunnels:
             raise AlreadyExists(f"tunnel {req.tunnel_id!r} exists")
         sw = self._switch(req.overlay_id)
@@ -223,6 +336,14 @@ class VnaAgent:
         await self.loop.run(
             self.guard.port_added(req.overlay_id, entry.port, PortKind.TUNNEL, req.tunnel_id, peer=peer_vna)
         )
+        if persist:
+            self.desired.tunnels[req.tunnel_id] = req
+            try:
+                self._persist()
+            except SkyferryError:
+                del self.desired.tunnels[req.tunnel_id]
+                await self._stop_tunnel(req.tunnel_id)
+                raise
         log.info("tunnel_added", vna=self.vna_id, tunnel=req.tunnel_id, mode=req.mode.value, role=req.role.value)
         return tunnel
 
@@ -258,11 +379,24 @@ class VnaAgent:
         )
 
     async def tunnel_remove(self, tunnel_id: str) -> None:
+        """Stop a tunnel and forget it."""
+        if tunnel_id not in self.tunnels and tunnel_id in self.desired.tunnels:  # never restored
+            self.forget_tunnel(tunnel_id)
+            return
+        await self._stop_tunnel(tunnel_id)
+        self.forget_tunnel(tunnel_id)
+
+    async def _stop_tunnel(self, tunnel_id: str) -> None:
         entry = self.tunnels.pop(tunnel_id, None)
         if entry is None:
             raise NotFound(f"no tunnel {tunnel_id!r}")
         await self.loop.run(self.guard.port_removed(entry.spec.overlay_id, entry.port))
         await self.loop.run(entry.tunnel.stop())
+
+    def forget_tunnel(self, tunnel_id: str) -> None:
+        """Drop a tunnel from the stored configuration."""
+        if self.desired.tunnels.pop(tunnel_id, None) is not None:
+            self._persist()
 
     # --- views ----------------------------------------------------------------------------------
 
@@ -313,12 +447,27 @@ class VnaAgent:
     async def _guard_status(self, overlay_id: str) -> LoopProtectStatus | None:
         return self.guard.status(overlay_id)
 
+    def unapplied(self) -> list[str]:
+        """Stored configuration that is not in effect (it failed to re-apply after a restart)."""
+        d = self.desired
+        out = [f"switch {ov}" for ov in d.switches if ov not in self.switches]
+        out += [
+            f"join {j.request.overlay_id}/{j.port}"
+            for j in d.joins
+            if j.request.overlay_id not in self.switches or j.port not in self.switches[j.request.overlay_id].segments
+        ]
+        out += [f"tunnel {tid}" for tid in d.tunnels if tid not in self.tunnels]
+        return out
+
     async def status(self) -> VnaStatus:
-        """Switches, tunnels, health: ``degraded`` when a tunnel is not up or loop protection blocks a port."""
+        """Switches, tunnels, health: ``degraded`` when a tunnel is not up, loop protection blocks a
+        port, or the stored configuration is not all in effect (or was unreadable at start)."""
         switches = [await self.switch_status(sw) for sw in self.switches.values()]
         tunnels = [self.tunnel_status(t) for t in self.tunnels.values()]
         blocking = any(s.loop_protect and s.loop_protect.blocked for s in switches)
-        health = "ok" if all(t.state == "up" for t in tunnels) and not blocking else "degraded"
+        healthy = all(t.state == "up" for t in tunnels) and not blocking
+        healthy = healthy and self.state_error is None and not self.unapplied()
+        health = "ok" if healthy else "degraded"
         return VnaStatus(
             vna_id=self.vna_id, health=health, switches=switches, tunnels=tunnels, capabilities=self.capabilities
         )
@@ -370,7 +519,8 @@ async def _make_vlan(parent: str, vlan_id: int) -> str:
     name = f"{parent[:10]}.{vlan_id}"
     async with AsyncIPRoute() as ipr:
         idx = (await ipr.link_lookup(ifname=parent))[0]
-        await ipr.link("add", ifname=name, kind="vlan", link=idx, vlan_id=vlan_id)
+        if not await ipr.link_lookup(ifname=name):  # made by this agent before a restart: adopt it
+            await ipr.link("add", ifname=name, kind="vlan", link=idx, vlan_id=vlan_id)
         await ipr.link("set", ifname=name, state="up")
     return name
 

@@ -93,22 +93,24 @@ class VnaAgentService:
         # re-run finds its spec in place and gets the first answer; a keyed removal of what is already
         # gone succeeds (the first run removed it). See docs/sagas.md, "Exactly once".
 
+        # The agent stores what it accepted (state.json) before it answers and re-applies it after a
+        # restart, so these hold across an agent crash too.
+
         async def switch_remove(ctx: CommandContext, req: OverlayRef) -> Ack:
             if ctx.idempotency is not None and req.overlay_id not in a.switches:
+                a.forget_switch(req.overlay_id)
                 return Ack()
             await a.switch_remove(req.overlay_id)
             return Ack()
 
         async def segment_join(ctx: CommandContext, req: SegmentJoin) -> Ack:
-            joined = a.switches.get(req.overlay_id)
-            if req.vlan_id is None and joined is not None and req.interface in joined.segments:
-                return Ack()
-            await a.segment_join(req)
+            await a.segment_join(req)  # already joined: the same answer
             return Ack()
 
         async def segment_leave(ctx: CommandContext, req: SegmentLeave) -> Ack:
             joined = a.switches.get(req.overlay_id)
             if ctx.idempotency is not None and (joined is None or req.interface not in joined.segments):
+                a.forget_join(req.overlay_id, req.interface)
                 return Ack()
             await a.segment_leave(req.overlay_id, req.interface)
             return Ack()
@@ -122,6 +124,7 @@ class VnaAgentService:
 
         async def tunnel_remove(ctx: CommandContext, req: TunnelRef) -> Ack:
             if ctx.idempotency is not None and req.tunnel_id not in a.tunnels:
+                a.forget_tunnel(req.tunnel_id)
                 return Ack()
             await a.tunnel_remove(req.tunnel_id)
             return Ack()
@@ -163,12 +166,22 @@ class VnaAgentService:
                     SERVICE,
                     vid,
                     interval_s=self.heartbeat_s,
-                    details=lambda: {"tunnels": len(self.agent.tunnels), "switches": len(self.agent.switches)},
+                    details=self._heartbeat_details,
                 )
             ),
             asyncio.create_task(self._publish_flows()),
             asyncio.create_task(self._publish_alerts()),
         ]
+
+    def _heartbeat_details(self) -> dict[str, Any]:
+        a = self.agent
+        out: dict[str, Any] = {"tunnels": len(a.tunnels), "switches": len(a.switches)}
+        if a.state_error is not None:  # loud until the agent is restarted on a good file
+            out["state_error"] = a.state_error.message
+            out["state_quarantined"] = str(a.state_quarantined)
+        if unapplied := a.unapplied():
+            out["unapplied"] = unapplied
+        return out
 
     async def stop(self) -> None:
         self.agent.set_alert_sink(None)

@@ -49,6 +49,7 @@ def _write_secret_file(path: Path, text: str) -> None:
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, text.encode())
+        os.fsync(fd)  # the rename must never expose an empty key after a power loss
     finally:
         os.close(fd)
     os.replace(tmp, path)
