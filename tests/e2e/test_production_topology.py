@@ -399,3 +399,24 @@ async def test_a_saga_survives_every_daemon_of_the_shipped_units_being_killed(tm
         for name in wanted:
             assert len([line for line in created if f"bridge={name} " in line]) == 1, created
         assert {k: v.starts for k, v in d.items()} == {"nats": 2, "manager": 2, "saga": 2, "vna": 2}
+
+        # The agent's own view: both switches, switch A restored from its state file after the
+        # SIGKILL, switch B made by the saga. It keeps answering with them (an agent once stopped
+        # answering about 3 s after its first switch), and a SIGTERM stops it cleanly.
+        async def agent_status() -> dict[str, Any]:
+            _, st = await request_raw(t.probe, subjects.agent(t.vna_id, "status"), {}, timeout=2)
+            assert isinstance(st, dict)
+            return st
+
+        since = asyncio.get_running_loop().time()
+        answers = 0
+        while asyncio.get_running_loop().time() - since < 5.0:
+            st = await agent_status()
+            assert sorted(s["overlay_id"] for s in st["switches"]) == sorted((ov_a, ov_b)), st
+            assert sorted(s["bridge"] for s in st["switches"]) == wanted
+            answers += 1
+            await asyncio.sleep(POLL_S)  # the poll interval, as in until()
+        assert answers >= 5
+        vna = d["vna"]
+        vna.stop(timeout=10)
+        assert vna.proc is not None and vna.proc.returncode == 0, f"the agent did not exit on SIGTERM; see {vna.log}"
