@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -34,6 +35,11 @@ def pid_alive(pid: int) -> bool:
     except (ProcessLookupError, FileNotFoundError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _die_with_test() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 class UpProcess:
@@ -70,6 +76,7 @@ class UpProcess:
                 stderr=err,
                 env=clean_env(),
                 start_new_session=True,
+                preexec_fn=_die_with_test,  # a killed test run leaves no stack behind
             )
         return self.proc
 
