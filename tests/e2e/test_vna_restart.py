@@ -97,7 +97,9 @@ async def test_a_killed_agent_restores_its_switch_join_and_tunnel(vnas_for, kill
     key2 = await until(lambda: vn.key("vna2"), "vna2's agent answers")
     server, client = ("vna2", "vna1") if killed_role == "server" else ("vna1", "vna2")
     lan2 = lab.link("vna2", "lan1")
-    wan = f"{lab.addr(server, 'wan').ip}:7000"
+    wan_if = lab.addr(server, "wan")
+    assert wan_if is not None
+    wan = f"{wan_if.ip}:7000"
     peer = client if server == "vna2" else server
     tunnel = {
         "overlay_id": OVERLAY,

@@ -29,7 +29,8 @@ def ip(ns: str, *args: str) -> None:
 
 def master_of(ns: str, ifname: str) -> str | None:
     out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", ifname], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)[0].get("master")
+    master = json.loads(out.stdout)[0].get("master")
+    return str(master) if master is not None else None
 
 
 @pytest.fixture
