@@ -1376,6 +1376,7 @@ def summarise(result: dict[str, Any], backends: Sequence[str]) -> dict[str, Any]
         if "commands" in rep:
             checks.append(rep["commands"]["checks"]["ok"])
     summary["checks_ok"] = bool(checks) and all(checks)
+    summary["repeats"] = len(result["repeats"])
     return summary
 
 
@@ -1402,6 +1403,8 @@ def _cell(summary: dict[str, Any], key: str, *, target: bool = False) -> str:
     text = f"{_fmt(s['median'], unit)} ({_fmt(s['min'], unit)}…{_fmt(s['max'], unit)})"
     if s["n"] == 1 or s["min"] == s["max"]:
         text = _fmt(s["median"], unit)
+    if s["n"] < summary.get("repeats", s["n"]):
+        text += f" [{s['n']} of {summary['repeats']}]"
     if target and s["met"] is not None:
         text += " yes" if s["met"] else " **no**"
     return text
@@ -1421,7 +1424,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Run {result['started_at'][:16].replace('T', ' ')} UTC: `python -m bench.bench_events --events {cfg['events']}"
         f" --events-always {cfg['events_always']} --repeat {cfg['repeat']} --sync {','.join(cfg['sync'])}"
         f" --paced-seconds {cfg['paced_seconds']:g}`; every figure is the median of {cfg['repeat']} repeat(s),"
-        " (min…max) beside it."
+        " (min…max) beside it; [k of n]: a figure only k repeats had (e.g. a rate offered only when the"
+        " measured throughput was above it)."
         + (f" Raw results: `{_relative(result['raw_results'])}`." if result.get("raw_results") else ""),
         "",
         "**Appends**: raw JetStream publishes vs the store, same payloads, same concurrency"
