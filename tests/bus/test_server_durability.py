@@ -32,7 +32,7 @@ async def test_embedded_server_takes_an_operator_interval(tmp_path: Path) -> Non
 
 
 def test_deploy_configs_sync_always() -> None:
-    assert "sync_interval: \"always\"" in render(single_node())
-    assert "sync_interval: \"2m\"" in render(cluster_node(1, ["a", "b", "c"], sync_interval="2m"))
+    assert 'sync_interval: "always"' in render(single_node())
+    assert 'sync_interval: "2m"' in render(cluster_node(1, ["a", "b", "c"], sync_interval="2m"))
     for rel in ["single.conf", "cluster/node-1.conf", "cluster/node-2.conf", "cluster/node-3.conf"]:
         assert 'sync_interval: "always"' in (REPO / "deploy" / "nats" / rel).read_text(), rel
