@@ -48,6 +48,7 @@ from deploy import keys as install_keys
 from manager.store import JetStreamRecorder
 from tests.deploy.units import Unit, load_unit
 from tests.e2e.overlay_fixtures import needs_root
+from tests.e2e.waiting import until as _until
 from vna_agent.agent import short_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,20 +161,8 @@ class Topology:
 
 
 async def until(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_S) -> T:
-    """Poll ``probe`` until it returns something other than None (errors count as not yet)."""
-    last: BaseException | None = None
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                got = await probe()
-                if got is not None:
-                    return got
-            except AssertionError:
-                raise
-            except Exception as exc:  # the bus is reconnecting, the daemon is starting
-                last = exc
-            await asyncio.sleep(POLL_S)
-    raise AssertionError(f"never: {what} (last error {last!r})")  # pragma: no cover - timeout raises first
+    """:func:`tests.e2e.waiting.until` with this module's timeout and poll interval."""
+    return await _until(probe, what, timeout, POLL_S)
 
 
 def _conf_lines_differing(a: str, b: str) -> list[tuple[str, str]]:

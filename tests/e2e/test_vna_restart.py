@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -24,31 +24,11 @@ from bus.client import request_raw
 from bus.messages import Empty
 from bus.vna import PeerKey, TunnelAdd, TunnelStatus, VnaStatus
 from tests.e2e.overlay_fixtures import Vnas, needs_root
+from tests.e2e.waiting import until
 from vna_agent.agent import short_name
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.timeout(180)]
-T = TypeVar("T")
-WAIT_S = 60.0
 OVERLAY = "ovnet10"
-
-
-async def until(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_S) -> T:
-    """Poll ``probe`` until it returns something other than None (errors count as not yet)."""
-    last: BaseException | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    got = await probe()
-                    if got is not None:
-                        return got
-                except AssertionError:
-                    raise
-                except Exception as exc:  # the agent is starting, the tunnel is reconnecting
-                    last = exc
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"never: {what} (last error {last!r})") from None
 
 
 def config_of(st: VnaStatus) -> dict[str, Any]:
