@@ -65,6 +65,21 @@ class InstallError(SkyferryError):
     code = ErrorCode.INVALID_STATE
 
 
+def add_etc_and_server_args(parser: argparse.ArgumentParser) -> None:
+    """The ``--etc`` and ``--server`` options every daemon takes, with the install's defaults."""
+    parser.add_argument(
+        "--etc",
+        type=Path,
+        default=None,
+        help=f"config directory with keys/ (${ETC_ENV}, else {DEFAULT_ETC})",
+    )
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("SKYFERRY_NATS_URL", DEFAULT_NATS_URL),
+        help="comma-separated NATS URLs ($SKYFERRY_NATS_URL)",
+    )
+
+
 def etc_dir(explicit: Path | None = None) -> Path:
     """The config directory: ``explicit``, else ``$SKYFERRY_ETC``, else ``/etc/skyferry``."""
     if explicit is not None:

@@ -36,17 +36,7 @@ class ManagerSetupError(install_keys.InstallError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (``argv``, default ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(prog="python -m manager", description="Skyferry migration manager")
-    ap.add_argument(
-        "--etc",
-        type=Path,
-        default=None,
-        help=f"config directory with keys/ (${install_keys.ETC_ENV}, else {install_keys.DEFAULT_ETC})",
-    )
-    ap.add_argument(
-        "--server",
-        default=os.environ.get("SKYFERRY_NATS_URL", install_keys.DEFAULT_NATS_URL),
-        help="comma-separated NATS URLs ($SKYFERRY_NATS_URL)",
-    )
+    install_keys.add_etc_and_server_args(ap)
     ap.add_argument("--nkey-file", type=Path, help="NATS connection seed (default <etc>/keys/manager.nk)")
     ap.add_argument("--creds", type=Path, help="NATS .creds file")
     ap.add_argument(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -233,17 +232,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (``argv``, default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(prog="python -m manager.saga.worker", description="Skyferry saga coordinator.")
-    parser.add_argument(
-        "--etc",
-        type=Path,
-        default=None,
-        help=f"config directory with keys/ (${install_keys.ETC_ENV}, else {install_keys.DEFAULT_ETC})",
-    )
-    parser.add_argument(
-        "--server",
-        default=os.environ.get("SKYFERRY_NATS_URL", install_keys.DEFAULT_NATS_URL),
-        help="NATS URL(s), comma-separated ($SKYFERRY_NATS_URL)",
-    )
+    install_keys.add_etc_and_server_args(parser)
     parser.add_argument(
         "--instance",
         default=None,
