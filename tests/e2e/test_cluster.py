@@ -81,6 +81,16 @@ async def _wait_js_healthy(mports: list[int]) -> None:
     raise AssertionError("cluster not healthy")
 
 
+async def _append_retrying(rec: JetStreamRecorder, i: int, last: int) -> int:
+    """Append event ``i`` (same message id on every try, so a retry cannot write it twice)."""
+    for _ in range(100):
+        try:
+            return await rec.append("app", "a1", NewEvent("t.e", {"i": i}, msg_id=f"m{i}"), expected=last)
+        except Exception:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"append {i} never succeeded")
+
+
 async def test_three_node_cluster_survives_a_node_loss(cluster) -> None:  # type: ignore[no-untyped-def]
     urls, procs, mports, seeds = cluster
     await _wait_js_healthy(mports)
@@ -94,22 +104,15 @@ async def test_three_node_cluster_survives_a_node_loss(cluster) -> None:  # type
                 await asyncio.sleep(0.2)
         rec = JetStreamRecorder(bus, timeout=3.0)
         last = 0
-        for i in range(20):
-            last = await rec.append("app", "a1", NewEvent("t.e", {"i": i}), expected=last)
+        for i in range(20):  # the new stream may still be electing its leader: retried like the ones below
+            last = await _append_retrying(rec, i, last)
         # Kill the node this client is connected to; the client fails over, writes continue.
         connected = bus.nc.connected_url
         assert connected is not None
         victim = next(i for i, u in enumerate(urls) if u.endswith(f":{connected.port}"))
         procs[victim].kill()
         for i in range(20, 40):
-            for _ in range(100):
-                try:
-                    last = await rec.append("app", "a1", NewEvent("t.e", {"i": i}, msg_id=f"m{i}"), expected=last)
-                    break
-                except Exception:
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError(f"append {i} never succeeded after the node loss")
+            last = await _append_retrying(rec, i, last)
         # The stream may still be electing a new leader: reads are retried like the appends.
         events = None
         for _ in range(100):
