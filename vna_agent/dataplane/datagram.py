@@ -22,6 +22,16 @@ is up to 64 KiB of inner TCP data, which the inner TCP then retransmits.
 Partial records are dropped (counter ``incomplete``) when they age out or
 when more than ``MAX_PARTIALS`` are open.
 
+**Untrusted pieces:** a piece opens reassembly state only if its receiver
+index names a session and its counter may still open (the replay window's
+``check_low32``); its offset must be ``idx * piece_len``, all pieces but the
+last the same length, the last no longer; the record is exactly the bytes its
+pieces carried and its own header must name the same index and counter, so
+no forged piece buys more AEAD work than the bytes it carries. Partials are
+keyed by source address and split geometry as well, so a forged piece from
+elsewhere or with another count/length cannot block the genuine record; a
+duplicate piece is a counted drop (``replay``).
+
 Each side sends an empty keepalive record when it has sent nothing for
 ``policy.keepalive`` seconds; the initiator re-handshakes when it has heard
 nothing for ``2 * keepalive + rekey_timeout``. The responder learns (and
@@ -70,6 +80,8 @@ MAX_GSO_SEGMENTS = 64
 MAX_GSO_BYTES = 65000
 MAX_PIECES = 255
 MAX_PARTIALS = 16
+#: No piece is longer than the largest UDP payload over IPv4 minus its header.
+MAX_PIECE_LEN = 65507 - PIECE_HEADER.size
 PARTIAL_TTL = 1.0
 RX_BATCH = 64
 SOCKET_BUFFER = 8 << 20
@@ -93,12 +105,47 @@ def _packer(count: int) -> struct.Struct:
     return struct.Struct("!" + PIECE_HEADER.format.lstrip("!") * count)
 
 
+def _header_matches(rec: memoryview, key: PartialKey) -> bool:
+    """The reassembled record's own header names the receiver and counter its pieces did."""
+    if len(rec) < RECORD_HEADER.size:
+        return False
+    _, _, _, receiver, counter = RECORD_HEADER.unpack_from(rec)
+    return bool(receiver == key[1] and counter & 0xFFFFFFFF == key[2])
+
+
 def _fmt(addr: Address | None) -> str | None:
     return f"{addr[0]}:{addr[1]}" if addr else None
 
 
+#: A partial record: (source address, receiver index, counter low 32 bits, piece count, piece length).
+PartialKey = tuple[Any, int, int, int, int]
+
+
+def piece_length(idx: int, count: int, off: int, n: int) -> int:
+    """The record's piece length implied by one piece, or 0 if the piece cannot be part of a sane split.
+
+    Every piece but the last is ``L`` bytes at offset ``idx * L``; the last is
+    1..L bytes at ``(count - 1) * L``; the record fits ``MAX_RECORD``. So a
+    record's bytes are exactly the bytes its pieces carry (no sparse offsets,
+    no uncovered buffer bytes).
+    """
+    if count < 2 or idx >= count or not 0 < n <= MAX_PIECE_LEN:
+        return 0
+    if idx < count - 1:
+        plen = n
+        if off != idx * plen:
+            return 0
+    else:
+        plen, rest = divmod(off, idx)
+        if rest or n > plen or plen > MAX_PIECE_LEN:
+            return 0
+    if (count - 1) * plen >= MAX_RECORD or (idx == count - 1 and off + n > MAX_RECORD):
+        return 0
+    return plen
+
+
 class _Partial:
-    __slots__ = ("buf", "count", "created", "got", "mask", "mv", "size")
+    __slots__ = ("buf", "count", "covered", "created", "got", "mask", "mv", "size")
 
     def __init__(self, buf: bytearray, count: int) -> None:
         self.buf = buf
@@ -107,6 +154,7 @@ class _Partial:
         self.got = 0
         self.mask = 0
         self.size = -1
+        self.covered = 0
         self.created = time.monotonic()
 
 
@@ -155,7 +203,7 @@ class DatagramLink:
         self._ph_mv = memoryview(self._ph)
         self._rx = bytearray(1 << 17)
         self._rx_mv = memoryview(self._rx)
-        self._partials: dict[tuple[int, int], _Partial] = {}
+        self._partials: dict[PartialKey, _Partial] = {}
         self._src_slices: dict[int, list[memoryview]] = {}
         self._iov_template: list[memoryview] = []
         self._hdr_args: list[int] = []
@@ -524,16 +572,22 @@ class DatagramLink:
             or idx2 >= count
         ):
             return False
-        key = (receiver, seq)
-        parts = self._partials
-        p = parts.get(key)
+        last_n = nbytes - last - _PH
+        if off0 != idx0 * chunk or (last_n != chunk if idx2 < count - 1 else last_n > chunk):
+            return False  # not a run of one sane split: each piece is judged on its own
+        end = off0 + (n - 1) * chunk + last_n
+        if end > MAX_RECORD or (count - 1) * chunk >= MAX_RECORD:
+            return False
+        key = (addr, receiver, seq, count, chunk)
+        p = self._partials.get(key)
         run_mask = ((1 << n) - 1) << idx0
         if p is None:
+            try:
+                self.channel.check_piece(receiver, seq)
+            except RecordError:
+                return False  # the slow path counts each refused piece
             p = self._new_partial(key, count)
-        elif p.count != count or p.mask & run_mask:
-            return False
-        end = off0 + (n - 1) * chunk + nbytes - last - _PH
-        if end > MAX_RECORD:
+        elif p.mask & run_mask:
             return False
         buf = p.buf
         o = off0
@@ -546,6 +600,7 @@ class DatagramLink:
         buf[o:end] = rxv[last + _PH : nbytes]
         p.mask |= run_mask
         p.got += n
+        p.covered += end - off0
         if idx2 == count - 1:
             p.size = end
         self._maybe_complete(key, p, addr)
@@ -579,33 +634,45 @@ class DatagramLink:
 
     def _on_piece(self, dg: memoryview, addr: Address) -> None:
         st = self.sink.stats
-        if len(dg) <= _PH:
+        n = len(dg) - _PH
+        if n <= 0:
             st.drop(DropReason.DECODE)
             return
         _, idx, count, _, receiver, seq, off = PIECE_HEADER.unpack_from(dg)
-        end = off + len(dg) - _PH
-        if count < 2 or idx >= count or end > MAX_RECORD:
+        plen = piece_length(idx, count, off, n)
+        if not plen:
             st.drop(DropReason.DECODE)
             return
-        key = (receiver, seq)
-        parts = self._partials
-        p = parts.get(key)
+        # The geometry and the source are part of the key: a forged piece with another
+        # count or length, or from another address, cannot block the genuine record.
+        key = (addr, receiver, seq, count, plen)
+        p = self._partials.get(key)
         if p is None:
+            if not self._admit(receiver, seq):
+                return
             p = self._new_partial(key, count)
-        elif p.count != count:
-            st.drop(DropReason.DECODE)
-            return
         bit = 1 << idx
         if p.mask & bit:
+            st.drop(DropReason.REPLAY)  # duplicate piece
             return
         p.mask |= bit
         p.got += 1
-        p.buf[off:end] = dg[_PH:]
+        p.covered += n
+        p.buf[off : off + n] = dg[_PH:]
         if idx == count - 1:
-            p.size = end
+            p.size = off + n
         self._maybe_complete(key, p, addr)
 
-    def _new_partial(self, key: tuple[int, int], count: int) -> _Partial:
+    def _admit(self, receiver: int, seq: int) -> bool:
+        """Whether a piece may open reassembly state: known receiver index, counter still in window."""
+        try:
+            self.channel.check_piece(receiver, seq)
+        except RecordError as exc:
+            self.sink.stats.drop(exc.reason)
+            return False
+        return True
+
+    def _new_partial(self, key: PartialKey, count: int) -> _Partial:
         """A partial record for ``key``; the oldest one is dropped (incomplete) when too many are open."""
         parts = self._partials
         if len(parts) >= MAX_PARTIALS:
@@ -614,14 +681,19 @@ class DatagramLink:
         p = parts[key] = _Partial(self._pool.pop() if self._pool else bytearray(MAX_RECORD), count)
         return p
 
-    def _maybe_complete(self, key: tuple[int, int], p: _Partial, addr: Address) -> None:
+    def _maybe_complete(self, key: PartialKey, p: _Partial, addr: Address) -> None:
         """Open the record once every piece is in; its buffer goes back to the pool."""
-        if p.got == p.count:
-            del self._partials[key]
-            try:
-                self._on_record(p.mv[: p.size], addr)
-            finally:
-                self._pool.append(p.buf)
+        if p.got != p.count:
+            return
+        del self._partials[key]
+        try:
+            rec = p.mv[: p.size]
+            if p.covered != p.size or not _header_matches(rec, key):
+                self.sink.stats.drop(DropReason.DECODE)
+                return
+            self._on_record(rec, addr)
+        finally:
+            self._pool.append(p.buf)
 
     def _on_handshake(self, msg: bytes, addr: Address) -> None:
         st = self.sink.stats

@@ -46,6 +46,11 @@ class PlainChannel:
             raise DecodeError("not a plain record")
         return record[_HDR:], record[1]
 
+    def check_piece(self, receiver: int, counter_low: int) -> None:
+        """Plain records carry receiver index 0 and no replay window."""
+        if receiver != 0:
+            raise DecodeError("plain piece with a receiver index")
+
     def wants_handshake(self) -> bool:
         return False
 

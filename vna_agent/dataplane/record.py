@@ -29,6 +29,8 @@ from .wire import MAX_PAYLOAD, RECORD_HEADER, RECORD_OVERHEAD, TAG_LEN, MsgType
 #: WireGuard's REJECT_AFTER_MESSAGES: never let the 64-bit counter wrap.
 COUNTER_LIMIT = (1 << 64) - (1 << 13) - 1
 REPLAY_WINDOW_BITS = 2048
+#: How far past the newest received counter a datagram piece may be (records lost in between).
+PIECE_AHEAD = 1 << 24
 _NONCE_PREFIX = bytes(4)
 _HAS_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
 _HDR = RECORD_HEADER.size
@@ -51,6 +53,25 @@ class ReplayWindow:
         d = self.top - counter
         if d >= self._size or (d >= 0 and (self._bits >> d) & 1):
             raise ReplayedRecord("replayed or too old record")
+
+    def check_low32(self, low: int) -> None:
+        """Refuse a counter known only by its low 32 bits (a datagram piece) unless it may still open.
+
+        The full counter is taken as the one nearest ``top`` with these low
+        bits; it must be at most :data:`PIECE_AHEAD` past ``top`` and pass
+        :meth:`check`, so pieces of old, replayed or far-future records never
+        get reassembly state.
+
+        Raises:
+            ReplayedRecord: seen, older than the window, or too far ahead.
+        """
+        ahead = (low - self.top) & 0xFFFFFFFF
+        if ahead and ahead <= PIECE_AHEAD:
+            return
+        behind = (self.top - low) & 0xFFFFFFFF
+        if behind >= self._size or behind > self.top:
+            raise ReplayedRecord("piece counter outside the replay window")
+        self.check(self.top - behind)
 
     def bits_bytes(self) -> bytes:
         """The window bitmap, 256 bytes little-endian (bit i: ``top - i`` seen), for the fast path."""

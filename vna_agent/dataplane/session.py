@@ -85,6 +85,8 @@ class Channel(Protocol):
 
     def open(self, record: memoryview) -> tuple[memoryview, int]: ...
 
+    def check_piece(self, receiver: int, counter_low: int) -> None: ...
+
     def wants_handshake(self) -> bool: ...
 
     def handshake_overdue(self) -> bool: ...
@@ -299,6 +301,18 @@ class SecureChannel:
             self.next = None
             self._rotate(s)
         return payload, flags
+
+    def check_piece(self, receiver: int, counter_low: int) -> None:
+        """Refuse a datagram piece before it gets reassembly state: unknown index or counter out of window.
+
+        Raises:
+            NoSession: no session has that receiver index.
+            ReplayedRecord: the counter cannot open any more (or is far ahead).
+        """
+        s = self._by_index.get(receiver)
+        if s is None:
+            raise NoSession("piece for an unknown receiver index")
+        s.window.check_low32(counter_low)
 
     # -- native fast path (fastpath.py) ---------------------------------------
 
