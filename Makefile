@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py vna_agent/dataplane/_fastpath.c deploy/install-deps.sh
+$(STAMP): pyproject.toml setup.py vna_agent/dataplane/_fastpath.c vna_agent/dataplane/_fastpath_core.c vna_agent/dataplane/_fastpath_core.h deploy/install-deps.sh
 	bash deploy/install-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

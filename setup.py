@@ -11,7 +11,9 @@ setup(
     ext_modules=[
         Extension(
             "vna_agent.dataplane._fastpath",
-            sources=["vna_agent/dataplane/_fastpath.c"],
+            # _fastpath_core.c: the sans-IO parsers, also built alone by the fuzz harnesses (tests/fuzz/native)
+            sources=["vna_agent/dataplane/_fastpath.c", "vna_agent/dataplane/_fastpath_core.c"],
+            depends=["vna_agent/dataplane/_fastpath_core.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-missing-braces"],
             optional=True,

@@ -30,3 +30,13 @@ if ((${#bench[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${bench[@]}" >/dev/null
 fi
+# Fuzzing the native fast path (tests/fuzz/native, `make fuzz` and `make test`): clang with libFuzzer and
+# the address/undefined-behaviour sanitizers (Debian 12 ships them in libclang-rt-14-dev).
+fuzz=()
+command -v clang >/dev/null 2>&1 || fuzz+=(clang)
+compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a' >/dev/null || fuzz+=(libclang-rt-dev)
+if ((${#fuzz[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${fuzz[@]}" >/dev/null
+fi

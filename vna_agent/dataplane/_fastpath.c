@@ -42,53 +42,25 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_fastpath_core.h"
+
 #ifndef SOL_UDP
 #define SOL_UDP 17
 #endif
 #define UDP_SEGMENT_OPT 103
 #define UDP_GRO_OPT 104
 
-#define T_INITIATION 1
-#define T_RESPONSE 2
-#define T_DATA 4
-#define T_PIECE 6
-#define FLAG_VNET 0x01
-#define FLAG_BUNDLE 0x02
-#define HDR 16
-#define TAG 16
-#define OVERHEAD (HDR + TAG)
-#define PH 16
-#define VNET_LEN 10
-#define MAX_PAYLOAD (65536 + 512)
-#define MAX_RECORD (OVERHEAD + MAX_PAYLOAD)
 #define BUNDLE_FRAME_MAX 9216
 #define READ_BATCH 64
-#define RX_RING (1 << 20)
 #define TX_BUF (1 << 19)
 #define OBUF_CAP (TX_BUF + MAX_RECORD + 8)
-#define MAX_HANDSHAKE 512
-#define MAX_QUEUED_MESSAGES 64
 #define FLUSH_AT (1 << 18)
-#define WINDOW_WORDS 32 /* 2048 bits */
-#define SLOTS 4
-#define PARTIALS 16
-#define MAX_PIECES 255
 #define MAX_GSO_SEGMENTS 64
 #define MAX_GSO_BYTES 65000
-#define PARTIAL_TTL 1.0
+#define GSO_RETRY 30.0 /* seconds after the kernel refused a GSO send before trying again */
 #define FLOW_RING 4096
 #define FLOW_SNAP 128
 #define GRO_BUF (65536 + 4096)
-
-enum { EV_MESSAGE = 1, EV_ROTATED = 2, EV_CLOSED = 3, EV_PEER = 4, EV_MSGSIZE = 5, EV_DEVICE = 6 };
-enum {
-    D_BAD_TAG, D_REPLAY, D_NO_SESSION, D_NONCE, D_TOO_BIG, D_DECODE, D_INCOMPLETE,
-    D_QUEUE_FULL, D_OFFLOAD, D_DEVICE, D_COUNT
-};
-static const char *DROP_NAMES[D_COUNT] = {
-    "bad_tag", "replay", "no_session", "nonce_exhausted", "too_big", "decode", "incomplete",
-    "queue_full", "offload_mismatch", "device",
-};
 
 typedef struct Event {
     struct Event *next;
@@ -101,27 +73,6 @@ typedef struct Event {
 } Event;
 
 typedef struct {
-    int used, kind; /* kind: 0 current, 1 next (promote on first receive), 2 other */
-    uint32_t local_index, remote_index;
-    EVP_CIPHER_CTX *send, *recv;
-    uint64_t next_counter, limit, top;
-    int has_top;
-    uint64_t bits[WINDOW_WORDS];
-    uint64_t records_sent, bytes_sent, records_received, bytes_received;
-} Slot;
-
-typedef struct {
-    int used;
-    uint32_t receiver, seq;
-    int count, got;
-    uint64_t have[4];
-    size_t total;
-    uint64_t stamp;
-    double created;
-    unsigned char *buf;
-} Partial;
-
-typedef struct {
     unsigned char dir, vnet;
     uint32_t len, segs;
     uint16_t snap;
@@ -131,30 +82,25 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int tap, sock, stream, vnet, efd, cfd, ep;
-    int running, closed, initialised, gso, out_blocked, tap_failed, msgsize_pending;
+    int running, initialised, gso, gso_wanted, out_blocked, tap_failed, msgsize_pending;
+    double gso_retry, gso_retry_at; /* GSO refused: sent piece by piece until gso_retry_at */
     unsigned lost_control; /* control events whose malloc failed: bit per kind, re-made by take() */
     long long lost_value[8];
     pthread_t thread;
+    pthread_mutex_t life; /* start/stop/dealloc: one joins the thread, the others wait for it */
     pthread_mutex_t lock; /* everything below; never held while blocking */
-    Slot slots[SLOTS];
-    int tx; /* slot index sealing, -1 none */
-    Partial partials[PARTIALS];
-    uint64_t pstamp;
+    FpCore c;             /* parsing and session state (_fastpath_core.c) */
     size_t bundle_limit, chunk;
-    struct sockaddr_storage peer;
-    socklen_t peerlen;
     Event *ev_head, *ev_tail;
-    size_t ev_messages;
     int flows;
     FlowRec *flow_ring;
     size_t flow_head, flow_len, flow_lost;
-    /* counters */
-    unsigned long long records_out, bytes_out, frames_out, records_in, bytes_in, frames_in;
-    unsigned long long keepalives_in, keepalives_out, drops[D_COUNT];
-    double last_rx, last_tx;
+    /* send counters (the receive ones are in c) */
+    unsigned long long records_out, bytes_out, frames_out, keepalives_out;
+    double last_tx;
     /* buffers */
-    unsigned char *rbuf, *obuf, *ring, *plain, *gro, *piecebuf;
-    size_t ostart, opos, rstart, rend; /* stream output pending in obuf[ostart:opos] */
+    unsigned char *rbuf, *obuf, *gro, *piecebuf;
+    size_t ostart, opos; /* stream output pending in obuf[ostart:opos] */
 } Pump;
 
 static double mono(void) {
@@ -163,40 +109,28 @@ static double mono(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static uint32_t be32(const unsigned char *p) { return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]; }
-static uint64_t be64(const unsigned char *p) { return ((uint64_t)be32(p) << 32) | be32(p + 4); }
 static void put32(unsigned char *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v; }
-static void put64(unsigned char *p, uint64_t v) { put32(p, v >> 32); put32(p + 4, (uint32_t)v); }
 
 /* -- events (lock held) ----------------------------------------------------------------- */
 
-static void push_event(Pump *p, int kind, long long value, const void *data, size_t len,
-                       const struct sockaddr_storage *addr, socklen_t alen) {
-    if (kind == EV_MESSAGE) { /* only handshakes go up, and only a few at a time: the rest is noise */
-        const unsigned char *d = data;
-        if (!len || len > MAX_HANDSHAKE || (d[0] != T_INITIATION && d[0] != T_RESPONSE) ||
-            p->ev_messages >= MAX_QUEUED_MESSAGES) {
-            p->drops[D_DECODE]++;
-            return;
-        }
-        p->ev_messages++;
-    } else if (kind == EV_MSGSIZE) { /* one pending is enough: Python re-reads the path MTU */
-        if (p->msgsize_pending) return;
+/* FpIO.event: queue one event for Python (the core already decided a handshake may go up). */
+static int push_event(void *ctx, int kind, long long value, const void *data, size_t len,
+                      const struct sockaddr_storage *addr, socklen_t alen) {
+    Pump *p = ctx;
+    if (kind == EV_MSGSIZE) { /* one pending is enough: Python re-reads the path MTU */
+        if (p->msgsize_pending) return 0;
         p->msgsize_pending = 1;
     }
     Event *e = malloc(sizeof(Event) + len);
+    uint64_t one = 1;
     if (!e) {
-        if (kind == EV_MESSAGE) {
-            p->ev_messages--;
-            p->drops[D_DECODE]++;
-        } else { /* never lose CLOSED/ROTATED/...: take() re-makes it (PEER: Python re-learns on the next) */
-            p->lost_control |= 1u << kind;
-            p->lost_value[kind] = value;
-        }
-        uint64_t one = 1;
+        if (kind == EV_MESSAGE) return -1;
+        /* never lose CLOSED/ROTATED/...: take() re-makes it (PEER: Python re-learns on the next) */
+        p->lost_control |= 1u << kind;
+        p->lost_value[kind] = value;
         ssize_t w = write(p->efd, &one, 8);
         (void)w;
-        return;
+        return 0;
     }
     e->next = NULL;
     e->kind = kind;
@@ -207,31 +141,18 @@ static void push_event(Pump *p, int kind, long long value, const void *data, siz
     if (addr) memcpy(&e->addr, addr, sizeof(*addr));
     if (p->ev_tail) p->ev_tail->next = e; else p->ev_head = e;
     p->ev_tail = e;
-    uint64_t one = 1;
     ssize_t w = write(p->efd, &one, 8);
     (void)w;
+    return 0;
 }
+
+static void event(Pump *p, int kind, long long value) { push_event(p, kind, value, NULL, 0, NULL, 0); }
 
 /* -- frame accounting ------------------------------------------------------------------- */
 
-static unsigned gso_segments(const unsigned char *f, size_t n, int vnet) {
-    if (!vnet || n < VNET_LEN) return 1;
-    unsigned flags = f[0], kind = f[1] & ~0x80u;
-    unsigned hdr_len = f[2] | (f[3] << 8), gso_size = f[4] | (f[5] << 8), csum_start = f[6] | (f[7] << 8);
-    if (kind == 0 || gso_size == 0) return 1;
-    long frame_len = (long)n - VNET_LEN, data;
-    if (flags & 1) {
-        long l4 = 8;
-        if ((kind == 1 || kind == 4) && (long)csum_start + 13 <= frame_len) l4 = (f[VNET_LEN + csum_start + 12] >> 4) * 4;
-        data = frame_len - csum_start - l4;
-    } else {
-        data = frame_len - hdr_len;
-    }
-    long s = (data + gso_size - 1) / gso_size;
-    return s < 1 ? 1 : (unsigned)s;
-}
-
-static void flow_note(Pump *p, int dir, int vnet, const unsigned char *f, size_t n, unsigned segs) {
+/* FpIO.flow (received frames) and the sending side. */
+static void flow_note(void *ctx, int dir, int vnet, const unsigned char *f, size_t n, unsigned segs) {
+    Pump *p = ctx;
     if (!p->flows) return;
     FlowRec *r = &p->flow_ring[(p->flow_head + p->flow_len) % FLOW_RING];
     if (p->flow_len == FLOW_RING) { /* overwrite the oldest */
@@ -248,97 +169,14 @@ static void flow_note(Pump *p, int dir, int vnet, const unsigned char *f, size_t
     memcpy(r->data, f, r->snap);
 }
 
-/* -- replay window ---------------------------------------------------------------------- */
-
-static int window_check(Slot *s, uint64_t c) {
-    if (!s->has_top || c > s->top) return 0;
-    uint64_t d = s->top - c;
-    if (d >= WINDOW_WORDS * 64) return -1;
-    return (s->bits[d / 64] >> (d % 64)) & 1 ? -1 : 0;
+/* FpIO.tap: one received frame to the TAP; 0 or the errno. */
+static int tap_out(void *ctx, const struct iovec *iov, int count) {
+    Pump *p = ctx;
+    ssize_t w = count == 1 ? write(p->tap, iov[0].iov_base, iov[0].iov_len) : writev(p->tap, iov, count);
+    return w < 0 ? errno : 0;
 }
 
-static void window_shift(Slot *s, uint64_t d) {
-    if (d >= WINDOW_WORDS * 64) {
-        memset(s->bits, 0, sizeof s->bits);
-        return;
-    }
-    unsigned words = d / 64, bits = d % 64;
-    for (int i = WINDOW_WORDS - 1; i >= 0; i--) {
-        uint64_t v = 0;
-        int src = i - (int)words;
-        if (src >= 0) {
-            v = s->bits[src] << bits;
-            if (bits && src > 0) v |= s->bits[src - 1] >> (64 - bits);
-        }
-        s->bits[i] = v;
-    }
-}
-
-static void window_accept(Slot *s, uint64_t c) {
-    if (!s->has_top || c > s->top) {
-        if (s->has_top) window_shift(s, c - s->top); else memset(s->bits, 0, sizeof s->bits);
-        s->top = c;
-        s->has_top = 1;
-        s->bits[0] |= 1;
-        return;
-    }
-    uint64_t d = s->top - c;
-    s->bits[d / 64] |= 1ULL << (d % 64);
-}
-
-/* Make dst's window also refuse every counter src's window refuses. */
-static void window_merge(Slot *dst, const Slot *src) {
-    if (!src->has_top) return;
-    if (!dst->has_top) {
-        dst->top = src->top;
-        dst->has_top = 1;
-        memcpy(dst->bits, src->bits, sizeof dst->bits);
-        return;
-    }
-    Slot tmp;
-    tmp.top = src->top;
-    memcpy(tmp.bits, src->bits, sizeof tmp.bits);
-    if (src->top > dst->top) {
-        window_shift(dst, src->top - dst->top);
-        dst->top = src->top;
-    } else if (dst->top > src->top) {
-        window_shift(&tmp, dst->top - src->top);
-    }
-    for (int i = 0; i < WINDOW_WORDS; i++) dst->bits[i] |= tmp.bits[i];
-}
-
-/* -- sealing ---------------------------------------------------------------------------- */
-
-static void nonce_of(unsigned char *n, uint64_t c) {
-    memset(n, 0, 4);
-    put64(n + 4, c);
-}
-
-/* Seal payload into out (HDR + ciphertext + TAG); returns the record length, 0 on drop. */
-static size_t seal(Pump *p, const unsigned char *payload, size_t n, int flags, unsigned char *out, unsigned frames) {
-    if (p->tx < 0) { p->drops[D_NO_SESSION] += frames; return 0; }
-    Slot *s = &p->slots[p->tx];
-    if (n > MAX_PAYLOAD) { p->drops[D_TOO_BIG] += frames; return 0; }
-    if (s->next_counter >= s->limit) { p->drops[D_NONCE] += frames; return 0; }
-    uint64_t c = s->next_counter++;
-    out[0] = T_DATA;
-    out[1] = (unsigned char)flags;
-    out[2] = out[3] = 0;
-    put32(out + 4, s->remote_index);
-    put64(out + 8, c);
-    unsigned char nonce[12];
-    nonce_of(nonce, c);
-    int l = 0, l2 = 0;
-    if (!EVP_EncryptInit_ex(s->send, NULL, NULL, NULL, nonce) || !EVP_EncryptUpdate(s->send, NULL, &l, out, HDR) ||
-        !EVP_EncryptUpdate(s->send, out + HDR, &l, payload, (int)n) || !EVP_EncryptFinal_ex(s->send, out + HDR + l, &l2) ||
-        !EVP_CIPHER_CTX_ctrl(s->send, EVP_CTRL_GCM_GET_TAG, TAG, out + HDR + n)) {
-        p->drops[D_DECODE]++;
-        return 0;
-    }
-    s->records_sent++;
-    s->bytes_sent += n;
-    return HDR + n + TAG;
-}
+static const FpIO PUMP_IO = {.tap = tap_out, .event = push_event, .flow = flow_note};
 
 /* -- socket writes ---------------------------------------------------------------------- */
 
@@ -361,9 +199,9 @@ static void set_blocked(Pump *p, int blocked) {
 }
 
 static void mark_closed(Pump *p, int err) {
-    if (p->closed) return;
-    p->closed = 1;
-    push_event(p, EV_CLOSED, err, NULL, 0, NULL, 0);
+    if (p->c.closed) return;
+    p->c.closed = 1;
+    event(p, EV_CLOSED, err);
 }
 
 static void stream_flush(Pump *p) {
@@ -400,16 +238,12 @@ static int out_room(Pump *p, size_t need) {
 
 /* 0 sent; -1 no room or no route (drop); -2 EMSGSIZE; -3 the kernel refused the GSO send. */
 static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
-    struct iovec iov = {(void *)buf, n};
-    struct msghdr m = {0};
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = n};
     union {
         char buf[CMSG_SPACE(sizeof(uint16_t))];
         struct cmsghdr align;
     } u;
-    m.msg_name = &p->peer;
-    m.msg_namelen = p->peerlen;
-    m.msg_iov = &iov;
-    m.msg_iovlen = 1;
+    struct msghdr m = {.msg_name = &p->c.peer, .msg_namelen = p->c.peerlen, .msg_iov = &iov, .msg_iovlen = 1};
     if (seg && seg < n) {
         memset(u.buf, 0, sizeof u.buf);
         m.msg_control = u.buf;
@@ -429,7 +263,7 @@ static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
         }
         if (errno == EINTR) continue;
         if (errno == EMSGSIZE) {
-            push_event(p, EV_MSGSIZE, errno, NULL, 0, NULL, 0);
+            event(p, EV_MSGSIZE, errno);
             return -2;
         }
         if (seg && seg < n && (errno == EINVAL || errno == EIO)) return -3;
@@ -437,10 +271,18 @@ static int dgram_send(Pump *p, const unsigned char *buf, size_t n, size_t seg) {
     }
 }
 
+/* Whether to send runs of pieces with UDP_SEGMENT: asked for, and not refused in the last GSO_RETRY s
+ * (a forged "packet too big" must not turn it off for good). */
+static int gso_now(Pump *p) {
+    if (p->gso || !p->gso_wanted) return p->gso;
+    if (mono() >= p->gso_retry_at) p->gso = 1;
+    return p->gso;
+}
+
 /* Send pieces [0, count) laid out every seg bytes in o (the last one ends at pos). */
 static int dgram_pieces(Pump *p, const unsigned char *o, size_t pos, size_t count, size_t seg) {
     size_t b = 0;
-    if (p->gso) { /* the kernel takes at most MAX_GSO_SEGMENTS pieces and MAX_GSO_BYTES per send */
+    if (gso_now(p)) { /* the kernel takes at most MAX_GSO_SEGMENTS pieces and MAX_GSO_BYTES per send */
         size_t per = MAX_GSO_BYTES / seg;
         if (per > MAX_GSO_SEGMENTS) per = MAX_GSO_SEGMENTS;
         if (per < 1) per = 1;
@@ -448,9 +290,10 @@ static int dgram_pieces(Pump *p, const unsigned char *o, size_t pos, size_t coun
             size_t e = b + per < count ? b + per : count;
             size_t from = b * seg, to = e == count ? pos : e * seg;
             int r = dgram_send(p, o + from, to - from, e - b > 1 ? seg : 0);
-            if (r == -3) { /* GSO refused on this path (PMTU below seg, xfrm): piece by piece from now on */
+            if (r == -3) { /* GSO refused on this path (PMTU below seg, xfrm): piece by piece for a while */
                 p->gso = 0;
-                push_event(p, EV_MSGSIZE, EINVAL, NULL, 0, NULL, 0);
+                p->gso_retry_at = mono() + p->gso_retry;
+                event(p, EV_MSGSIZE, EINVAL);
                 break;
             }
             if (r < 0) return r;
@@ -469,36 +312,21 @@ static int dgram_pieces(Pump *p, const unsigned char *o, size_t pos, size_t coun
 static void dgram_record(Pump *p, unsigned char *rec, size_t n, unsigned count_frames) {
     size_t chunk = p->chunk;
     int r;
-    if (!p->peerlen) {
-        p->drops[D_QUEUE_FULL] += count_frames;
+    if (!p->c.peerlen) {
+        p->c.drops[D_QUEUE_FULL] += count_frames;
         return;
     }
     if (!chunk || n <= chunk + PH) {
         r = dgram_send(p, rec, n, 0);
     } else {
-        size_t count = (n + chunk - 1) / chunk;
-        if (count > MAX_PIECES) {
-            p->drops[D_TOO_BIG] += count_frames;
+        size_t count = 0, pos = fp_split_pieces(rec, n, chunk, p->piecebuf, &count);
+        if (!pos) {
+            p->c.drops[D_TOO_BIG] += count_frames;
             return;
         }
-        uint32_t receiver = be32(rec + 4), seq = (uint32_t)be64(rec + 8);
-        unsigned char *o = p->piecebuf;
-        size_t pos = 0;
-        for (size_t i = 0; i < count; i++) {
-            size_t off = i * chunk, len = n - off < chunk ? n - off : chunk;
-            o[pos] = T_PIECE;
-            o[pos + 1] = (unsigned char)i;
-            o[pos + 2] = (unsigned char)count;
-            o[pos + 3] = 0;
-            put32(o + pos + 4, receiver);
-            put32(o + pos + 8, seq);
-            put32(o + pos + 12, (uint32_t)off);
-            memcpy(o + pos + PH, rec + off, len);
-            pos += PH + len;
-        }
-        r = dgram_pieces(p, o, pos, count, PH + chunk);
+        r = dgram_pieces(p, p->piecebuf, pos, count, PH + chunk);
     }
-    if (r < 0) p->drops[r == -2 ? D_TOO_BIG : D_QUEUE_FULL] += count_frames;
+    if (r < 0) p->c.drops[r == -2 ? D_TOO_BIG : D_QUEUE_FULL] += count_frames;
 }
 
 /* Seal payload and send it (stream: queued in obuf, flushed at FLUSH_AT; datagram: right away).
@@ -506,18 +334,18 @@ static void dgram_record(Pump *p, unsigned char *rec, size_t n, unsigned count_f
 static int send_payload(Pump *p, const unsigned char *payload, size_t n, int flags, unsigned count, size_t nbytes,
                         unsigned segs) {
     if (p->stream) {
-        if (p->closed || !out_room(p, 4 + n + OVERHEAD)) {
-            p->drops[D_QUEUE_FULL] += count;
+        if (p->c.closed || !out_room(p, 4 + n + OVERHEAD)) {
+            p->c.drops[D_QUEUE_FULL] += count;
             return 0;
         }
-        size_t r = seal(p, payload, n, flags, p->obuf + p->opos + 4, count);
+        size_t r = fp_seal(&p->c, payload, n, flags, p->obuf + p->opos + 4, count);
         if (!r) return 0;
         put32(p->obuf + p->opos, (uint32_t)r);
         p->opos += 4 + r;
         if (p->opos - p->ostart >= FLUSH_AT && !p->out_blocked) stream_flush(p);
     } else {
         unsigned char *rec = p->obuf;
-        size_t r = seal(p, payload, n, flags, rec, count);
+        size_t r = fp_seal(&p->c, payload, n, flags, rec, count);
         if (!r) return 0;
         dgram_record(p, rec, r, count);
     }
@@ -535,10 +363,10 @@ static void send_bundle(Pump *p, unsigned char *buf, size_t pos, unsigned count,
 }
 
 static void tap_failed(Pump *p, int err) {
-    p->drops[D_DEVICE]++;
+    p->c.drops[D_DEVICE]++;
     p->tap_failed = 1;
     epoll_ctl(p->ep, EPOLL_CTL_DEL, p->tap, NULL);
-    push_event(p, EV_DEVICE, err, NULL, 0, NULL, 0);
+    event(p, EV_DEVICE, err);
 }
 
 /* Drain the TAP: small frames are bundled (u16 length prefix), big ones go alone. Never waits
@@ -547,18 +375,18 @@ static void on_tap(Pump *p) {
     unsigned char *buf = p->rbuf;
     size_t pos = 0, nbytes = 0, limit = p->bundle_limit;
     unsigned count = 0, segs = 0;
-    for (int i = 0; i < READ_BATCH && !p->out_blocked && !p->closed; i++) {
+    for (int i = 0; i < READ_BATCH && !p->out_blocked && !p->c.closed; i++) {
         ssize_t n = read(p->tap, buf + pos + 2, MAX_PAYLOAD);
         if (n <= 0) { /* a TAP never reads empty: 0 is a closed test device */
             if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) tap_failed(p, n ? errno : EPIPE);
             break;
         }
         if (n >= MAX_PAYLOAD) {
-            p->drops[D_TOO_BIG]++;
+            p->c.drops[D_TOO_BIG]++;
             continue;
         }
         unsigned char *f = buf + pos + 2;
-        unsigned s = (p->vnet && n > 1 && f[1]) ? gso_segments(f, (size_t)n, 1) : 1;
+        unsigned s = (p->vnet && n > 1 && f[1]) ? fp_gso_segments(f, (size_t)n, 1) : 1;
         flow_note(p, 1, p->vnet, f, (size_t)n, s);
         if (n > BUNDLE_FRAME_MAX) {
             if (count) send_bundle(p, buf, pos, count, nbytes, segs);
@@ -583,216 +411,47 @@ static void on_tap(Pump *p) {
     if (p->stream && !p->out_blocked) stream_flush(p);
 }
 
-/* -- receiving -------------------------------------------------------------------------- */
-
-static void tap_write(Pump *p, const unsigned char *f, size_t n, int flags) {
-    int vnet = flags & FLAG_VNET ? 1 : 0;
-    if (vnet && n < VNET_LEN) { p->drops[D_DECODE]++; return; }
-    ssize_t w;
-    if (vnet == p->vnet) {
-        w = write(p->tap, f, n);
-    } else if (p->vnet) { /* plain frame into a VNET_HDR TAP: "no offload" header */
-        static const unsigned char zero[VNET_LEN];
-        struct iovec iov[2] = {{(void *)zero, VNET_LEN}, {(void *)f, n}};
-        w = writev(p->tap, iov, 2);
-    } else if (!f[1] && !(f[0] & 1)) { /* no GSO, checksum complete */
-        w = write(p->tap, f + VNET_LEN, n - VNET_LEN);
-    } else {
-        p->drops[D_OFFLOAD]++;
-        return;
-    }
-    if (w < 0) {
-        p->drops[errno == EAGAIN || errno == EWOULDBLOCK ? D_QUEUE_FULL : D_DEVICE]++;
-        return;
-    }
-    unsigned segs = (vnet && f[1]) ? gso_segments(f, n, 1) : 1;
-    p->bytes_in += n;
-    p->frames_in += segs;
-    flow_note(p, 2, vnet, f, n, segs);
-}
-
-static void deliver(Pump *p, const unsigned char *pl, size_t n, int flags) {
-    if (!n) { p->keepalives_in++; return; }
-    p->records_in++;
-    if (!(flags & FLAG_BUNDLE)) { tap_write(p, pl, n, flags); return; }
-    size_t pos = 0;
-    while (pos < n) {
-        if (pos + 2 > n) { p->drops[D_DECODE]++; return; }
-        size_t end = pos + 2 + ((size_t)pl[pos] << 8 | pl[pos + 1]);
-        if (end > n) { p->drops[D_DECODE]++; return; }
-        tap_write(p, pl + pos + 2, end - pos - 2, flags);
-        pos = end;
-    }
-}
-
-static Slot *slot_by_index(Pump *p, uint32_t idx) {
-    for (int i = 0; i < SLOTS; i++)
-        if (p->slots[i].used && p->slots[i].local_index == idx) return &p->slots[i];
-    return NULL;
-}
-
-/* Open one DATA record; 1 if it authenticated (the sender is genuine), 0 otherwise. */
-static int open_record(Pump *p, const unsigned char *rec, size_t n) {
-    if (n < OVERHEAD) { p->drops[D_DECODE]++; return 0; }
-    int flags = rec[1];
-    Slot *s = slot_by_index(p, be32(rec + 4));
-    if (!s) { p->drops[D_NO_SESSION]++; return 0; }
-    uint64_t c = be64(rec + 8);
-    if (window_check(s, c) < 0) { p->drops[D_REPLAY]++; return 0; }
-    size_t m = n - OVERHEAD;
-    unsigned char nonce[12];
-    nonce_of(nonce, c);
-    int l = 0, l2 = 0;
-    if (!EVP_DecryptInit_ex(s->recv, NULL, NULL, NULL, nonce) || !EVP_DecryptUpdate(s->recv, NULL, &l, rec, HDR) ||
-        !EVP_DecryptUpdate(s->recv, p->plain, &l, rec + HDR, (int)m) ||
-        !EVP_CIPHER_CTX_ctrl(s->recv, EVP_CTRL_GCM_SET_TAG, TAG, (void *)(rec + n - TAG)) ||
-        EVP_DecryptFinal_ex(s->recv, p->plain + l, &l2) <= 0) {
-        p->drops[D_BAD_TAG]++;
-        return 0;
-    }
-    window_accept(s, c);
-    s->records_received++;
-    s->bytes_received += m;
-    p->last_rx = mono();
-    if (s->kind == 1) { /* first record under the next session: it becomes current */
-        for (int i = 0; i < SLOTS; i++)
-            if (p->slots[i].used && p->slots[i].kind == 0) p->slots[i].kind = 2;
-        s->kind = 0;
-        p->tx = (int)(s - p->slots);
-        push_event(p, EV_ROTATED, s->local_index, NULL, 0, NULL, 0);
-    }
-    deliver(p, p->plain, m, flags);
-    return 1;
-}
-
-static void stream_parse(Pump *p) {
-    unsigned char *b = p->ring;
-    size_t start = p->rstart, end = p->rend;
-    while (end - start >= 4) {
-        uint32_t ln = be32(b + start);
-        if (ln == 0 || ln > MAX_RECORD) {
-            p->drops[D_DECODE]++;
-            mark_closed(p, EPROTO);
-            p->rstart = p->rend = 0;
-            return;
-        }
-        size_t s = start + 4;
-        if (end - s < ln) break;
-        start = s + ln;
-        if (b[s] == T_DATA) open_record(p, b + s, ln);
-        else push_event(p, EV_MESSAGE, 0, b + s, ln, NULL, 0);
-    }
-    if (start == end) start = end = 0;
-    p->rstart = start;
-    p->rend = end;
-}
+/* -- receiving (the parsing is _fastpath_core.c's) ------------------------------------- */
 
 static void on_stream(Pump *p) {
     for (int i = 0; i < 16; i++) {
-        if (RX_RING - p->rend < MAX_RECORD + 4) {
-            memmove(p->ring, p->ring + p->rstart, p->rend - p->rstart);
-            p->rend -= p->rstart;
-            p->rstart = 0;
-        }
-        ssize_t k = recv(p->sock, p->ring + p->rend, RX_RING - p->rend, 0);
+        size_t room;
+        unsigned char *at = fp_stream_space(&p->c, &room);
+        ssize_t k = recv(p->sock, at, room, 0);
         if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
             mark_closed(p, k == 0 ? 0 : errno);
             return;
         }
         if (k < 0) return;
-        p->rend += (size_t)k;
-        stream_parse(p);
-        if (p->closed) return;
-    }
-}
-
-static void note_peer(Pump *p, const struct sockaddr_storage *a, socklen_t alen) {
-    if (alen == p->peerlen && !memcmp(a, &p->peer, alen)) return;
-    memcpy(&p->peer, a, sizeof(*a));
-    p->peerlen = alen;
-    push_event(p, EV_PEER, 0, NULL, 0, a, alen);
-}
-
-static void on_piece(Pump *p, const unsigned char *d, size_t n, const struct sockaddr_storage *a, socklen_t alen) {
-    if (n <= PH) { p->drops[D_DECODE]++; return; }
-    int idx = d[1], count = d[2];
-    uint32_t receiver = be32(d + 4), seq = be32(d + 8), off = be32(d + 12);
-    size_t len = n - PH;
-    if (count < 2 || idx >= count || off + len > MAX_RECORD) { p->drops[D_DECODE]++; return; }
-    Partial *q = NULL, *free_q = NULL, *oldest = NULL;
-    double now = mono();
-    for (int i = 0; i < PARTIALS; i++) {
-        Partial *c = &p->partials[i];
-        if (c->used && now - c->created > PARTIAL_TTL) { /* a piece never came */
-            c->used = 0;
-            p->drops[D_INCOMPLETE]++;
-        }
-        if (c->used && c->receiver == receiver && c->seq == seq) { q = c; break; }
-        if (!c->used && !free_q) free_q = c;
-        if (c->used && (!oldest || c->stamp < oldest->stamp)) oldest = c;
-    }
-    if (!q) {
-        q = free_q;
-        if (!q) { q = oldest; p->drops[D_INCOMPLETE]++; }
-        q->used = 1;
-        q->receiver = receiver;
-        q->seq = seq;
-        q->count = count;
-        q->got = 0;
-        q->total = 0;
-        memset(q->have, 0, sizeof q->have);
-        q->stamp = ++p->pstamp;
-        q->created = mono();
-    }
-    if (q->count != count) { p->drops[D_DECODE]++; return; } /* this piece is wrong, not the record */
-    if ((q->have[idx / 64] >> (idx % 64)) & 1) return; /* duplicate piece */
-    q->have[idx / 64] |= 1ULL << (idx % 64);
-    q->got++;
-    memcpy(q->buf + off, d + PH, len);
-    if (idx == count - 1) q->total = off + len;
-    if (q->got == count && q->total) {
-        q->used = 0;
-        if (q->buf[0] == T_DATA && (uint32_t)be64(q->buf + 8) == seq && be32(q->buf + 4) == receiver) {
-            if (open_record(p, q->buf, q->total)) note_peer(p, a, alen);
-        } else {
-            p->drops[D_DECODE]++;
-        }
-    }
-}
-
-static void on_datagram(Pump *p, const unsigned char *d, size_t n, const struct sockaddr_storage *a, socklen_t alen) {
-    if (!n) return;
-    if (d[0] == T_DATA) {
-        if (open_record(p, d, n)) note_peer(p, a, alen);
-    } else if (d[0] == T_PIECE) {
-        on_piece(p, d, n, a, alen);
-    } else {
-        push_event(p, EV_MESSAGE, 0, d, n, a, alen);
+        fp_stream_received(&p->c, (size_t)k, mono());
+        if (p->c.closed) return;
     }
 }
 
 static void on_udp(Pump *p) {
     for (int i = 0; i < 64; i++) {
         struct sockaddr_storage a;
-        struct iovec iov = {p->gro, GRO_BUF};
+        struct iovec iov = {.iov_base = p->gro, .iov_len = GRO_BUF};
         union {
             char buf[CMSG_SPACE(sizeof(int))];
             struct cmsghdr align;
         } u;
-        struct msghdr m = {&a, sizeof a, &iov, 1, u.buf, sizeof u.buf, 0};
+        struct msghdr m = {.msg_name = &a, .msg_namelen = sizeof a, .msg_iov = &iov, .msg_iovlen = 1,
+                           .msg_control = u.buf, .msg_controllen = sizeof u.buf};
         ssize_t k = recvmsg(p->sock, &m, 0);
         if (k < 0) return;
-        size_t seg = (size_t)k;
+        if (m.msg_flags & MSG_TRUNC) { /* more than GRO_BUF: never a record of ours */
+            p->c.drops[D_TOO_BIG]++;
+            continue;
+        }
+        size_t seg = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
             if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO_OPT) {
                 int g;
                 memcpy(&g, CMSG_DATA(c), sizeof g);
                 if (g > 0) seg = (size_t)g;
             }
-        for (size_t off = 0; off < (size_t)k; off += seg) {
-            size_t len = (size_t)k - off < seg ? (size_t)k - off : seg;
-            on_datagram(p, p->gro + off, len, &a, m.msg_namelen);
-        }
+        fp_on_gro(&p->c, p->gro, (size_t)k, seg, &a, m.msg_namelen, mono());
     }
 }
 
@@ -802,9 +461,9 @@ static void *run(void *arg) {
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the interpreter's business */
-    if (p->stream && p->rend > p->rstart) {
+    if (p->stream && p->c.rend > p->c.rstart) {
         pthread_mutex_lock(&p->lock);
-        stream_parse(p);
+        fp_stream_parse(&p->c, mono());
         pthread_mutex_unlock(&p->lock);
     }
     for (;;) {
@@ -820,7 +479,7 @@ static void *run(void *arg) {
             uint32_t what = evs[i].events;
             if (fd == p->cfd) {
                 stop = 1;
-            } else if (p->closed) {
+            } else if (p->c.closed) {
                 continue;
             } else if (fd == p->tap) {
                 if (!p->tap_failed && !p->out_blocked) on_tap(p);
@@ -831,7 +490,7 @@ static void *run(void *arg) {
                 on_udp(p);
             }
         }
-        int done = p->closed && p->stream;
+        int done = p->c.closed && p->stream;
         pthread_mutex_unlock(&p->lock);
         if (stop || done) break;
     }
@@ -849,15 +508,14 @@ static void *run(void *arg) {
     pthread_mutex_unlock(&(p)->lock);                                                                                  \
     PyEval_RestoreThread(ts)
 
-static void free_slot(Slot *s) {
-    if (s->send) EVP_CIPHER_CTX_free(s->send);
-    if (s->recv) EVP_CIPHER_CTX_free(s->recv);
-    memset(s, 0, sizeof(*s));
-}
-
 static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    (void)args;
+    (void)kw;
     Pump *p = (Pump *)type->tp_alloc(type, 0);
-    if (p) p->efd = p->cfd = p->ep = p->tap = p->sock = -1; /* nothing of ours to close yet */
+    if (!p) return NULL;
+    p->efd = p->cfd = p->ep = p->tap = p->sock = -1; /* nothing of ours to close yet */
+    p->c.tx = -1;
+    pthread_mutex_init(&p->life, NULL);
     return (PyObject *)p;
 }
 
@@ -868,16 +526,22 @@ static int check_ready(Pump *p) {
 }
 
 static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
-    static char *names[] = {"tap_fd", "sock_fd", "stream", "vnet", "bundle_limit", "chunk", "flows", "gso", NULL};
+    static char *names[] = {"tap_fd", "sock_fd", "stream", "vnet", "bundle_limit", "chunk", "flows", "gso",
+                            "gso_retry", NULL};
     Py_ssize_t bundle = 32 * 1024, chunk = 0;
     int flows = 0, gso = 1, tap, sock, stream, vnet;
+    double gso_retry = GSO_RETRY;
     if (p->initialised || p->rbuf || p->efd >= 0) { /* also after a failed attempt: its buffers are ours */
         PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipp|nnpp", names, &tap, &sock, &stream, &vnet, &bundle, &chunk, &flows,
-                                     &gso))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iipp|nnppd", names, &tap, &sock, &stream, &vnet, &bundle, &chunk, &flows,
+                                     &gso, &gso_retry))
         return -1;
+    if (!(gso_retry >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "gso_retry must be >= 0");
+        return -1;
+    }
     /* a bundle (frames up to BUNDLE_FRAME_MAX appended until the limit is passed) must fit one record */
     if (bundle < 1024 || bundle > MAX_PAYLOAD - BUNDLE_FRAME_MAX - 2) {
         PyErr_SetString(PyExc_ValueError, "bundle_limit out of range");
@@ -898,26 +562,19 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
     p->bundle_limit = (size_t)bundle;
     p->chunk = (size_t)chunk;
     p->flows = flows;
-    p->gso = gso;
-    p->tx = -1;
+    p->gso = p->gso_wanted = gso;
+    p->gso_retry = gso_retry;
+    fp_core_init(&p->c, stream, vnet, &PUMP_IO, p);
     p->rbuf = malloc(MAX_PAYLOAD + MAX_PAYLOAD + 2);
     p->obuf = malloc(OBUF_CAP > MAX_RECORD ? OBUF_CAP : MAX_RECORD);
-    p->ring = p->stream ? malloc(RX_RING) : NULL;
-    p->plain = malloc(MAX_PAYLOAD);
     p->gro = p->stream ? NULL : malloc(GRO_BUF);
     p->piecebuf = p->stream ? NULL : malloc(MAX_RECORD + MAX_PIECES * PH);
     p->flow_ring = flows ? calloc(FLOW_RING, sizeof(FlowRec)) : NULL;
-    if (!p->rbuf || !p->obuf || !p->plain || (p->stream && !p->ring) || (!p->stream && (!p->gro || !p->piecebuf)) ||
+    if (fp_core_alloc(&p->c) < 0 || !p->rbuf || !p->obuf || (!p->stream && (!p->gro || !p->piecebuf)) ||
         (flows && !p->flow_ring)) {
         PyErr_NoMemory();
         return -1;
     }
-    if (!p->stream)
-        for (int i = 0; i < PARTIALS; i++)
-            if (!(p->partials[i].buf = malloc(MAX_RECORD))) {
-                PyErr_NoMemory();
-                return -1;
-            }
     for (int i = 0; i < 2; i++) { /* the thread must never block in read/recv/send */
         int fd = i ? sock : tap, fl = fcntl(fd, F_GETFL);
         if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
@@ -950,27 +607,30 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
     return 0;
 }
 
+/* Join the thread once: p->life is held (GIL released) by whoever joins, so a second stop() waits
+ * for the first instead of joining the same thread again. */
 static void stop_thread(Pump *p) {
-    if (!p->running) return;
-    uint64_t one = 1;
-    ssize_t w = write(p->cfd, &one, 8);
-    (void)w;
-    Py_BEGIN_ALLOW_THREADS pthread_join(p->thread, NULL);
-    Py_END_ALLOW_THREADS p->running = 0;
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&p->life);
+    if (p->running) {
+        uint64_t one = 1;
+        ssize_t w = write(p->cfd, &one, 8);
+        (void)w;
+        pthread_join(p->thread, NULL);
+        p->running = 0;
+    }
+    pthread_mutex_unlock(&p->life);
+    Py_END_ALLOW_THREADS
 }
 
 static void Pump_dealloc(Pump *p) {
     stop_thread(p);
-    for (int i = 0; i < SLOTS; i++) free_slot(&p->slots[i]);
-    for (int i = 0; i < PARTIALS; i++) free(p->partials[i].buf);
+    fp_core_free(&p->c);
     for (Event *e = p->ev_head, *n; e; e = n) {
         n = e->next;
         free(e);
     }
     free(p->rbuf);
     free(p->obuf);
-    free(p->ring);
-    free(p->plain);
     free(p->gro);
     free(p->piecebuf);
     free(p->flow_ring);
@@ -978,40 +638,39 @@ static void Pump_dealloc(Pump *p) {
     if (p->cfd >= 0) close(p->cfd);
     if (p->ep >= 0) close(p->ep);
     if (p->initialised) pthread_mutex_destroy(&p->lock);
+    pthread_mutex_destroy(&p->life);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
 static PyObject *Pump_start(Pump *p, PyObject *unused) {
+    (void)unused;
     if (check_ready(p) < 0) return NULL;
-    if (p->running) Py_RETURN_NONE;
-    uint64_t junk;
-    ssize_t r = read(p->cfd, &junk, 8); /* a stop request of an earlier run */
-    (void)r;
-    if (pthread_create(&p->thread, NULL, run, p) != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    p->running = 1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&p->life);
+    if (!p->running) {
+        uint64_t junk;
+        ssize_t r = read(p->cfd, &junk, 8); /* a stop request of an earlier run */
+        (void)r;
+        err = pthread_create(&p->thread, NULL, run, p);
+        p->running = !err;
+    }
+    pthread_mutex_unlock(&p->life);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *Pump_stop(Pump *p, PyObject *unused) {
+    (void)unused;
     if (check_ready(p) < 0) return NULL;
     stop_thread(p);
     NOGIL_LOCK(p, ts);
-    if (p->stream && !p->closed) stream_flush(p); /* best effort, never waits */
+    if (p->stream && !p->c.closed) stream_flush(p); /* best effort, never waits */
     NOGIL_UNLOCK(p, ts);
     Py_RETURN_NONE;
-}
-
-static EVP_CIPHER_CTX *make_ctx(const char *key, Py_ssize_t n, int enc) {
-    if (n != 32) return NULL;
-    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
-    if (!c) return NULL;
-    int ok = enc ? EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, (const unsigned char *)key, NULL)
-                 : EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, (const unsigned char *)key, NULL);
-    if (!ok) {
-        EVP_CIPHER_CTX_free(c);
-        return NULL;
-    }
-    return c;
 }
 
 /* Replace the session table with fresh (lock held). A session the pump already has keeps its live
@@ -1022,9 +681,9 @@ static void install_sessions(Pump *p, Slot *fresh, int tx) {
     for (int i = 0; i < SLOTS; i++) {
         Slot *s = &fresh[i];
         if (!s->used) continue;
-        Slot *old = slot_by_index(p, s->local_index);
+        Slot *old = fp_slot_by_index(&p->c, s->local_index);
         if (!old || old->remote_index != s->remote_index) continue;
-        window_merge(s, old);
+        fp_window_merge(s, old);
         if (old->next_counter > s->next_counter) s->next_counter = old->next_counter;
         s->records_sent = old->records_sent;
         s->bytes_sent = old->bytes_sent;
@@ -1038,9 +697,9 @@ static void install_sessions(Pump *p, Slot *fresh, int tx) {
         fresh[promoted].kind = 0;
         tx = promoted;
     }
-    for (int i = 0; i < SLOTS; i++) free_slot(&p->slots[i]);
-    memcpy(p->slots, fresh, sizeof(Slot) * SLOTS);
-    p->tx = tx;
+    for (int i = 0; i < SLOTS; i++) fp_free_slot(&p->c.slots[i]);
+    memcpy(p->c.slots, fresh, sizeof(Slot) * SLOTS);
+    p->c.tx = tx;
 }
 
 /* set_sessions([(local_index, remote_index, send_key, recv_key, next_counter, limit, kind, top, bits), ...])
@@ -1091,9 +750,7 @@ static PyObject *Pump_set_sessions(Pump *p, PyObject *arg) {
             for (int b = 7; b >= 0; b--) v = (v << 8) | (unsigned char)wb[w * 8 + b];
             s->bits[w] = v;
         }
-        s->send = make_ctx(sk, skn, 1);
-        s->recv = make_ctx(rk, rkn, 0);
-        if (!s->send || !s->recv) {
+        if (skn != 32 || rkn != 32 || fp_slot_keys(s, (const unsigned char *)sk, (const unsigned char *)rk) < 0) {
             PyErr_SetString(PyExc_ValueError, "bad session key");
             goto fail;
         }
@@ -1106,15 +763,16 @@ static PyObject *Pump_set_sessions(Pump *p, PyObject *arg) {
     Py_RETURN_NONE;
 fail:
     Py_DECREF(seq);
-    for (int i = 0; i < SLOTS; i++) free_slot(&fresh[i]);
+    for (int i = 0; i < SLOTS; i++) fp_free_slot(&fresh[i]);
     return NULL;
 }
 
 static PyObject *Pump_session_counters(Pump *p, PyObject *unused) {
+    (void)unused;
     if (check_ready(p) < 0) return NULL;
     Slot copy[SLOTS];
     NOGIL_LOCK(p, ts);
-    memcpy(copy, p->slots, sizeof copy);
+    memcpy(copy, p->c.slots, sizeof copy);
     NOGIL_UNLOCK(p, ts);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
@@ -1155,6 +813,7 @@ static PyObject *addr_tuple(const struct sockaddr_storage *a, socklen_t len) {
 
 /* take() -> [(kind, value, bytes, addr), ...]: the queued events, oldest first. */
 static PyObject *Pump_take(Pump *p, PyObject *unused) {
+    (void)unused;
     if (check_ready(p) < 0) return NULL;
     uint64_t junk;
     ssize_t r = read(p->efd, &junk, 8);
@@ -1166,7 +825,7 @@ static PyObject *Pump_take(Pump *p, PyObject *unused) {
     memcpy(lost_value, p->lost_value, sizeof lost_value);
     p->lost_control = 0;
     p->ev_head = p->ev_tail = NULL;
-    p->ev_messages = 0;
+    fp_handshakes_taken(&p->c);
     p->msgsize_pending = 0;
     NOGIL_UNLOCK(p, ts);
     PyObject *out = PyList_New(0);
@@ -1192,6 +851,7 @@ static PyObject *Pump_take(Pump *p, PyObject *unused) {
 }
 
 static PyObject *Pump_flows(Pump *p, PyObject *unused) {
+    (void)unused;
     if (check_ready(p) < 0) return NULL;
     if (!p->flows) return PyList_New(0);
     NOGIL_LOCK(p, ts);
@@ -1216,19 +876,20 @@ static PyObject *Pump_flows(Pump *p, PyObject *unused) {
 }
 
 static PyObject *Pump_stats(Pump *p, PyObject *unused) {
+    (void)unused;
     if (check_ready(p) < 0) return NULL;
     unsigned long long c[8], drops[D_COUNT];
     double last_rx, last_tx;
     int closed, gso, out_blocked;
     unsigned long long flow_lost;
     NOGIL_LOCK(p, ts);
-    unsigned long long src[8] = {p->records_out, p->bytes_out, p->frames_out, p->records_in,
-                                 p->bytes_in, p->frames_in, p->keepalives_in, p->keepalives_out};
+    unsigned long long src[8] = {p->records_out, p->bytes_out, p->frames_out, p->c.records_in,
+                                 p->c.bytes_in, p->c.frames_in, p->c.keepalives_in, p->keepalives_out};
     memcpy(c, src, sizeof c);
-    memcpy(drops, p->drops, sizeof drops);
-    last_rx = p->last_rx;
+    memcpy(drops, p->c.drops, sizeof drops);
+    last_rx = p->c.last_rx;
     last_tx = p->last_tx;
-    closed = p->closed;
+    closed = p->c.closed;
     gso = p->gso;
     out_blocked = p->out_blocked;
     flow_lost = p->flow_lost;
@@ -1236,7 +897,7 @@ static PyObject *Pump_stats(Pump *p, PyObject *unused) {
     PyObject *dd = PyDict_New();
     for (int i = 0; dd && i < D_COUNT; i++) {
         PyObject *v = PyLong_FromUnsignedLongLong(drops[i]);
-        if (!v || PyDict_SetItemString(dd, DROP_NAMES[i], v) < 0) Py_CLEAR(dd);
+        if (!v || PyDict_SetItemString(dd, FP_DROP_NAMES[i], v) < 0) Py_CLEAR(dd);
         Py_XDECREF(v);
     }
     if (!dd) return NULL;
@@ -1255,15 +916,15 @@ static PyObject *Pump_send_message(Pump *p, PyObject *arg) {
     int ok = 0;
     Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&p->lock);
     if (p->stream) {
-        if (!p->closed && b.len <= MAX_RECORD && out_room(p, 4 + (size_t)b.len)) {
+        if (!p->c.closed && b.len <= MAX_RECORD && out_room(p, 4 + (size_t)b.len)) {
             put32(p->obuf + p->opos, (uint32_t)b.len);
             memcpy(p->obuf + p->opos + 4, b.buf, (size_t)b.len);
             p->opos += 4 + (size_t)b.len;
             if (!p->out_blocked) stream_flush(p);
-            ok = !p->closed;
+            ok = !p->c.closed;
         }
     } else {
-        ok = p->peerlen && dgram_send(p, b.buf, (size_t)b.len, 0) == 0;
+        ok = p->c.peerlen && dgram_send(p, b.buf, (size_t)b.len, 0) == 0;
     }
     pthread_mutex_unlock(&p->lock);
     Py_END_ALLOW_THREADS PyBuffer_Release(&b);
@@ -1272,6 +933,7 @@ static PyObject *Pump_send_message(Pump *p, PyObject *arg) {
 
 /* send_keepalive() -> bool: an empty record under the current session. */
 static PyObject *Pump_send_keepalive(Pump *p, PyObject *unused) {
+    (void)unused;
     if (check_ready(p) < 0) return NULL;
     int ok = 0;
     Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&p->lock);
@@ -1280,7 +942,7 @@ static PyObject *Pump_send_keepalive(Pump *p, PyObject *unused) {
         p->records_out--; /* a keepalive is not a record of frames */
         p->keepalives_out++;
     }
-    if (p->stream && !p->out_blocked && !p->closed) stream_flush(p);
+    if (p->stream && !p->out_blocked && !p->c.closed) stream_flush(p);
     pthread_mutex_unlock(&p->lock);
     Py_END_ALLOW_THREADS return PyBool_FromLong(ok);
 }
@@ -1316,8 +978,8 @@ static PyObject *Pump_set_peer(Pump *p, PyObject *args) {
         return NULL;
     }
     NOGIL_LOCK(p, ts);
-    memcpy(&p->peer, &a, sizeof a);
-    p->peerlen = len;
+    memcpy(&p->c.peer, &a, sizeof a);
+    p->c.peerlen = len;
     NOGIL_UNLOCK(p, ts);
     Py_RETURN_NONE;
 }
@@ -1341,18 +1003,41 @@ static PyObject *Pump_feed(Pump *p, PyObject *arg) {
     if (check_ready(p) < 0) return NULL;
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
-    if (p->running || !p->stream || (size_t)b.len > RX_RING - p->rend) {
+    if (p->running || !p->stream || (size_t)b.len > RX_RING - p->c.rend) {
         PyBuffer_Release(&b);
         PyErr_SetString(PyExc_ValueError, "feed is for a stream pump before start()");
         return NULL;
     }
-    memcpy(p->ring + p->rend, b.buf, (size_t)b.len);
-    p->rend += (size_t)b.len;
+    memcpy(p->c.ring + p->c.rend, b.buf, (size_t)b.len);
+    p->c.rend += (size_t)b.len;
     PyBuffer_Release(&b);
     Py_RETURN_NONE;
 }
 
-static PyObject *Pump_event_fd(Pump *p, void *unused) { return PyLong_FromLong(p->efd); }
+/* set_static(public_key): this node's static X25519 public key; from then on only handshake messages
+ * whose mac1 is keyed by it reach Python. */
+static PyObject *Pump_set_static(Pump *p, PyObject *arg) {
+    if (check_ready(p) < 0) return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    if (b.len != 32) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "a static public key is 32 bytes");
+        return NULL;
+    }
+    unsigned char pub[32];
+    memcpy(pub, b.buf, 32);
+    PyBuffer_Release(&b);
+    NOGIL_LOCK(p, ts);
+    fp_set_static(&p->c, pub);
+    NOGIL_UNLOCK(p, ts);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pump_event_fd(Pump *p, void *unused) {
+    (void)unused;
+    return PyLong_FromLong(p->efd);
+}
 
 static PyMethodDef Pump_methods[] = {
     {"start", (PyCFunction)Pump_start, METH_NOARGS, "Start the forwarding thread."},
@@ -1367,6 +1052,7 @@ static PyMethodDef Pump_methods[] = {
     {"feed", (PyCFunction)Pump_feed, METH_O, "Stream bytes read before start()."},
     {"set_peer", (PyCFunction)Pump_set_peer, METH_VARARGS, "Datagram: where records go."},
     {"set_chunk", (PyCFunction)Pump_set_chunk, METH_O, "Datagram: record bytes per piece."},
+    {"set_static", (PyCFunction)Pump_set_static, METH_O, "This node's static public key (handshake mac1)."},
     {NULL}};
 
 static PyGetSetDef Pump_getset[] = {{"event_fd", (getter)Pump_event_fd, NULL, "Readable when events are queued.", NULL},
@@ -1384,7 +1070,8 @@ static PyTypeObject PumpType = {
     .tp_getset = Pump_getset,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", "Native tunnel fast path.", -1, NULL};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_fastpath", .m_doc = "Native tunnel fast path.", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyType_Ready(&PumpType) < 0) return NULL;

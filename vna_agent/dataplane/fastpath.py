@@ -92,6 +92,8 @@ class FastPath:
         self.channel = channel
         self.stats = stats
         self._pump: Any = _fastpath.Pump(tap_fd, sock_fd, stream, vnet, bundle_limit, chunk, sampler is not None, gso)
+        # Handshakes reach Python only with a mac1 keyed by this node's key (both message types are).
+        self._pump.set_static(channel.local.public.raw)
         self._on_message = on_message
         self._on_closed = on_closed
         self._on_peer = on_peer

@@ -62,6 +62,20 @@ def _open(s: RecordSession, rec: bytes) -> tuple[bytes, int]:
     return bytes(s.open(counter, memoryview(rec))), flags
 
 
+def _initiation_to(node: StaticKeyPair, index: int = 77) -> bytes:
+    """A genuine initiation addressed to ``node`` (its mac1 is keyed by node's public key)."""
+    msg, _ = hs.create_initiation(StaticKeyPair.generate(), node.public, sender_index=index, timestamp=hs.tai64n(1))
+    return msg
+
+
+def _response_to(node: StaticKeyPair, index: int = 88) -> bytes:
+    """A genuine response to an initiation ``node`` sent."""
+    other = StaticKeyPair.generate()
+    msg, _ = hs.create_initiation(node, other.public, sender_index=5, timestamp=hs.tai64n(1))
+    reply, _ = hs.create_response(hs.consume_initiation(other, msg), sender_index=index)
+    return reply
+
+
 def _wait(pred: Callable[[], Any], timeout: float = 3.0) -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -74,7 +88,7 @@ def _wait(pred: Callable[[], Any], timeout: float = 3.0) -> Any:
 class Rig:
     """A pump between a frame socket (``tap``) and a link socket (``peer``)."""
 
-    def __init__(self, *, stream: bool = True, chunk: int = 0) -> None:
+    def __init__(self, *, stream: bool = True, chunk: int = 0, **pump_options: Any) -> None:
         self.tap_pump, self.tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if stream:
             self.link_pump, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -88,7 +102,11 @@ class Rig:
         self.tap.settimeout(3)
         self.peer.settimeout(3)
         self.native, self.python = _sessions()
-        self.pump: Any = _fastpath.Pump(self.tap_pump.fileno(), self.link_pump.fileno(), stream, False, 32768, chunk)
+        self.pump: Any = _fastpath.Pump(
+            self.tap_pump.fileno(), self.link_pump.fileno(), stream, False, 32768, chunk, **pump_options
+        )
+        self.identity = StaticKeyPair.generate()  # the pump's node: handshakes must be addressed to it
+        self.pump.set_static(self.identity.public.raw)
         self.pump.set_sessions([_row(self.native)])
         if not stream:
             self.pump.set_peer(*self.peer.getsockname())
@@ -192,7 +210,7 @@ def test_a_counter_outside_the_python_window_is_still_refused(rig: Rig) -> None:
 @needs_native
 def test_handshakes_surface_as_events_and_the_next_session_is_promoted(rig: Rig) -> None:
     rig.pump.start()
-    initiation = bytes([MsgType.INITIATION]) + os.urandom(147)
+    initiation = _initiation_to(rig.identity)
     rig.peer.sendall(STREAM_LEN.pack(len(initiation)) + initiation)
     assert _wait(rig.pump.take) == [(_fastpath.EV_MESSAGE, 0, initiation, None)]
     nxt_native, nxt_python = _sessions(55, 66)
@@ -320,7 +338,7 @@ def test_datagram_handshakes_surface_with_their_address() -> None:
     r = Rig(stream=False)
     try:
         r.pump.start()
-        msg = bytes([MsgType.RESPONSE]) + os.urandom(91)
+        msg = _response_to(r.identity)
         r.peer.sendto(msg, r.link_pump.getsockname())
         assert _wait(r.pump.take) == [(_fastpath.EV_MESSAGE, 0, msg, r.peer.getsockname())]
     finally:
@@ -407,7 +425,7 @@ def test_output_waiting_for_room_blocks_nothing_and_resumes_in_order(rig: Rig) -
     rig.tap.settimeout(3)
     assert _wait(lambda: rig.pump.stats()["output_blocked"])  # the peer reads nothing yet
     t0 = time.monotonic()
-    assert rig.pump.send_message(bytes([MsgType.INITIATION]) + bytes(147))  # queued behind the records
+    assert rig.pump.send_message(_initiation_to(StaticKeyPair.generate()))  # queued behind the records
     rig.pump.set_sessions([_row(rig.native)])
     assert time.monotonic() - t0 < 0.5
     opened: list[bytes] = []
@@ -426,15 +444,19 @@ def test_output_waiting_for_room_blocks_nothing_and_resumes_in_order(rig: Rig) -
 @needs_native
 def test_only_a_few_handshake_messages_are_queued_and_noise_is_counted(rig: Rig) -> None:
     rig.pump.start()
-    for _ in range(50):
-        noise = bytes([9]) + os.urandom(100)
-        rig.peer.sendall(STREAM_LEN.pack(len(noise)) + noise)
-    for _ in range(100):
-        hs_msg = bytes([MsgType.INITIATION]) + os.urandom(147)
-        rig.peer.sendall(STREAM_LEN.pack(len(hs_msg)) + hs_msg)
-    assert _wait(lambda: rig.pump.stats()["drops"]["decode"] == 50 + 36)
+    genuine = _initiation_to(rig.identity)
+    noise = [
+        *(bytes([9]) + os.urandom(100) for _ in range(50)),  # no handshake type
+        *(bytes([MsgType.INITIATION]) + os.urandom(147) for _ in range(50)),  # not the initiation size
+        *(genuine[:-16] + os.urandom(16) for _ in range(50)),  # the size, not the mac1
+    ]
+    for msg in [*noise, *[genuine] * 20]:
+        rig.peer.sendall(STREAM_LEN.pack(len(msg)) + msg)
+    assert _wait(lambda: (d := rig.pump.stats()["drops"])["decode"] == 150 and d["queue_full"] == 12)
     events = rig.pump.take()
-    assert len(events) == 64 and all(e[0] == _fastpath.EV_MESSAGE for e in events)
+    assert events == [(_fastpath.EV_MESSAGE, 0, genuine, None)] * 8  # the quota per take()
+    rig.peer.sendall(STREAM_LEN.pack(len(genuine)) + genuine)
+    assert _wait(rig.pump.take) == [(_fastpath.EV_MESSAGE, 0, genuine, None)]
 
 
 @needs_native
