@@ -607,7 +607,8 @@ class DatagramLink:
         return True
 
     def _on_datagram(self, dg: memoryview, addr: Address) -> None:
-        if not len(dg):
+        if not len(dg):  # an empty UDP payload is junk like any other: counted
+            self.sink.stats.drop(DropReason.DECODE)
             return
         typ = dg[0]
         if typ == _PIECE:

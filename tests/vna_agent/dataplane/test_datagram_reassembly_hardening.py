@@ -149,3 +149,10 @@ def test_record_header_must_match_its_pieces() -> None:
     for d in relabelled:
         rx._on_datagram(memoryview(bytes(d)), ADDR)
     assert sizes == [] and sink.stats.drops == {"decode": 1}
+
+
+def test_empty_datagram_is_a_counted_drop() -> None:
+    """Found by the atheris harness ``datagram``: a zero-length UDP payload left no trace in the counters."""
+    _, rx, sink, _ = _keyed_receiver()
+    rx._on_datagram(memoryview(b""), ATTACKER)
+    assert sink.stats.drops == {"decode": 1}
