@@ -28,6 +28,7 @@ __all__ = [
     "MapFormat",
     "MapFormatError",
     "MapValidationError",
+    "decode_map_text",
     "detect_format",
     "dump_map",
     "load_application_map",
@@ -132,6 +133,14 @@ class _Dumper(yaml.SafeDumper):
 # --- import --------------------------------------------------------------------------------------
 
 
+def decode_map_text(data: bytes) -> str:
+    """A map file's bytes as text: UTF-8, a byte-order mark dropped; anything else is a MapFormatError."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MapFormatError(f"the map is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
 def load_network_map(text: str, fmt: MapFormat | None = None) -> NetworkMap:
     """Import a network map; the format is detected when not given."""
     return load_map(text, NetworkMap, fmt)
@@ -175,6 +184,10 @@ def _parse_json(text: str) -> Any:
         return json.loads(text.lstrip("\ufeff"), object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise MapFormatError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise MapFormatError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise MapFormatError(f"invalid JSON: {exc}") from None
 
 
 class _Loader(yaml.SafeLoader):
@@ -227,6 +240,10 @@ def _parse_yaml(text: str) -> Any:
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise MapFormatError(f"invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise MapFormatError("invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # a tagged scalar its constructor refuses (!!int x, !!timestamp 2001-13-01, huge ints)
+        raise MapFormatError(f"invalid YAML value: {exc}") from None
 
 
 # --- XML -----------------------------------------------------------------------------------------

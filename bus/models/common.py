@@ -26,6 +26,8 @@ from pydantic import (
     field_validator,
 )
 
+from bus.errors import ErrorCode, SkyferryError
+
 __all__ = [
     "ALLOWED_URI_SCHEMES",
     "ID_PATTERN",
@@ -58,8 +60,18 @@ __all__ = [
 T = TypeVar("T", bound=Hashable)
 
 
-class ModelError(ValueError):
-    """Base class of every error raised by the data model and map import/export."""
+class ModelError(SkyferryError, ValueError):
+    """Base class of every error raised by the data model and map import/export.
+
+    A :class:`~bus.errors.SkyferryError` (code ``validation``) so that bad user input
+    is a typed error everywhere, and a ``ValueError`` so that pydantic validators
+    may raise it and report it as a validation error.
+    """
+
+    code = ErrorCode.VALIDATION
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # Ids double as NATS subject tokens (sf.evt.<aggregate>.<id>), hence no '.', '*', '>' or spaces.

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bus.mapio import detect_format, dump_map, load_application_map
+from bus.mapio import decode_map_text, detect_format, dump_map, load_application_map
 from bus.messages import AppExport, AppImport, AppMapView, AppSetState, WriteResult
 from bus.models import ApplicationMap, ApplicationState, ModelError, Status, StatusLevel
 from manager.cli.context import Session, run_session
@@ -59,11 +59,11 @@ def as_of(position: int | None, time: str | None) -> dict[str, Any]:
 def read_application_map(path: Path) -> ApplicationMap:
     """Load and validate an application map file (format from the extension, else sniffed)."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        return load_application_map(text, detect_format(path) if path.suffix else None)
+        return load_application_map(decode_map_text(raw), detect_format(path) if path.suffix else None)
     except ModelError as exc:
         raise local_error(exc, f"application map {path}") from exc
 

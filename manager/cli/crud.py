@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from bus.errors import ErrorCode
 from bus.kinds import KINDS, ROOT_KIND, RecordKind
-from bus.mapio import MapFormatError, _parse_json, _parse_yaml
+from bus.mapio import MapFormatError, _parse_json, _parse_yaml, decode_map_text
 from bus.messages import MESSAGES, WriteResult
 from manager.cli.context import Session, run_session
 from manager.cli.errors import CliError, local_error
@@ -36,10 +36,11 @@ from manager.cli.output import Column, Output
 def read_data(path: Path) -> Any:
     """Plain data from a YAML or JSON file (YAML read as the map importer reads it: no sexagesimal MACs)."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
+        text = decode_map_text(raw)
         return _parse_json(text) if path.suffix.lower() == ".json" else _parse_yaml(text)
     except MapFormatError as exc:
         raise CliError(f"{path}: {exc}", code=ErrorCode.VALIDATION) from exc

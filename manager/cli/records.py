@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from bus.kinds import KINDS
-from bus.mapio import MapFormat, detect_format, dump_map, load_network_map
+from bus.mapio import MapFormat, decode_map_text, detect_format, dump_map, load_network_map
 from bus.messages import Empty, NetMapImport, NetMapImportResult, NetMapView
 from bus.models import LocalOverlayNetwork, ModelError, NetworkDomain, NetworkMap, TunnelMode
 from manager.cli.context import Session, run_session
@@ -140,12 +140,12 @@ def domain_leave(
 def read_network_map(path: Path) -> NetworkMap:
     """Load and validate a network map file (format from the extension, else sniffed)."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         fmt = detect_format(path) if path.suffix else None
-        return load_network_map(text, fmt)
+        return load_network_map(decode_map_text(raw), fmt)
     except ModelError as exc:
         raise local_error(exc, f"network map {path}") from exc
 
