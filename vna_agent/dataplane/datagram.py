@@ -59,7 +59,7 @@ import structlog
 
 from .errors import HandshakeError, LinkDown, RecordError, TransportError
 from .fastpath import FastPath
-from .link import Backoff, FrameSink, set_buffers
+from .link import Backoff, FrameSink, LogLimiter, set_buffers
 from .mtu import max_datagram
 from .session import Channel, RekeyPolicy, SecureChannel
 from .stats import DropReason, TunnelState
@@ -214,6 +214,7 @@ class DatagramLink:
         self._last_rx = 0.0
         self._hs_backoff = Backoff(initial=0.25, maximum=self.policy.rekey_timeout, jitter=0.2)
         self._next_hs = 0.0
+        self._refusals = LogLimiter()  # refused handshakes: counted always, logged once a second
         self.fast: FastPath | None = None
         self._set_mtu(self.path_mtu)
 
@@ -706,7 +707,15 @@ class DatagramLink:
                 st.handshakes_failed += 1
             else:
                 st.handshakes_refused += 1
-            log.warning("datagram_handshake_refused", peer=_fmt(addr), reason=type(exc).__name__, error=str(exc))
+            suppressed = self._refusals.allow(time.monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "datagram_handshake_refused",
+                    peer=_fmt(addr),
+                    reason=type(exc).__name__,
+                    error=str(exc),
+                    suppressed=suppressed,
+                )
             return
         st.handshakes += 1
         st.last_handshake = time.time()

@@ -104,6 +104,24 @@ class Backoff:
         self.attempt = 0
 
 
+@dataclass(slots=True)
+class LogLimiter:
+    """At most one log line per ``interval`` seconds for an event any junk sender can trigger at line rate."""
+
+    interval: float = 1.0
+    suppressed: int = 0
+    _next: float = 0.0
+
+    def allow(self, now: float) -> int | None:
+        """Whether to log now: the number of lines suppressed since the last one, or None (count it)."""
+        if now < self._next:
+            self.suppressed += 1
+            return None
+        self._next = now + self.interval
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
 def tune_tcp(sock: socket.socket, *, user_timeout_ms: int = 30_000) -> None:
     """Low latency and dead-peer detection on a tunnel's TCP socket."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -34,7 +34,7 @@ import structlog
 
 from .errors import DecodeError, HandshakeError, LinkDown, RecordError, TransportError
 from .fastpath import FastPath
-from .link import Backoff, FrameSink, tune_tcp
+from .link import Backoff, FrameSink, LogLimiter, tune_tcp
 from .session import Channel, RekeyPolicy, SecureChannel
 from .stats import DropReason, TunnelState
 from .wire import MAX_MESSAGE, STREAM_LEN, MsgType
@@ -85,6 +85,9 @@ class _Conn(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._end > self._start:  # a message that never completed is junk like any other: counted
+            self._start = self._end = 0
+            self.owner.sink.stats.drop(DropReason.INCOMPLETE)
         if not self.ready.done():
             self.ready.set_exception(TransportError("connection closed before the handshake"))
             self.ready.exception()  # retrieved: nobody else may await it
@@ -134,7 +137,10 @@ class _Conn(asyncio.BufferedProtocol):
             (ln,) = _LEN.unpack_from(buf, start)
             if ln == 0 or ln > MAX_MESSAGE:
                 stats.drop(DropReason.DECODE)
-                log.warning("stream_framing_error", length=ln, peer=self.peername)
+                suppressed = owner.refusals.allow(time.monotonic())
+                if suppressed is not None:
+                    log.warning("stream_framing_error", length=ln, peer=self.peername, suppressed=suppressed)
+                self._start = self._end = 0  # counted here, not again as incomplete
                 self.abort()
                 return
             s = start + _LEN_SIZE
@@ -155,6 +161,7 @@ class _Conn(asyncio.BufferedProtocol):
             elif typ in _HANDSHAKE:
                 owner.on_handshake(self, bytes(mv[s:start]))
                 if self.transport is None or self.transport.is_closing():
+                    self._start = self._end = 0  # refused and counted; what follows is discarded with it
                     return
             else:
                 stats.drop(DropReason.DECODE)
@@ -193,6 +200,8 @@ class _StreamLink:
         self._room = TX_BUFFER - _LEN_SIZE - channel.overhead
         self.fast: FastPath | None = None
         self.fast_conn: _Conn | None = None
+        self.refusals = LogLimiter()
+        """Junk from unauthenticated connections is counted always, logged once a second."""
 
     # -- native fast path --------------------------------------------------------
 
@@ -504,6 +513,7 @@ class StreamServer(_StreamLink):
             self._activate(conn)
             return
         if len(self._pending) >= MAX_PENDING_ACCEPTS:
+            self.sink.stats.drop(DropReason.QUEUE_FULL)
             conn.abort()
             return
         self._pending.add(conn)
@@ -514,7 +524,9 @@ class StreamServer(_StreamLink):
         if conn in self._pending:
             self._pending.discard(conn)
             self.sink.stats.handshakes_failed += 1
-            log.warning("stream_handshake_timeout", peer=_fmt(conn.peername))
+            suppressed = self.refusals.allow(time.monotonic())
+            if suppressed is not None:
+                log.warning("stream_handshake_timeout", peer=_fmt(conn.peername), suppressed=suppressed)
             conn.abort()
 
     def on_handshake(self, conn: _Conn, msg: bytes) -> None:
@@ -523,7 +535,15 @@ class StreamServer(_StreamLink):
             reply = self.channel.handle_handshake(msg)
         except HandshakeError as exc:
             stats.handshakes_refused += 1
-            log.warning("stream_handshake_refused", peer=_fmt(conn.peername), reason=type(exc).__name__, error=str(exc))
+            suppressed = self.refusals.allow(time.monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "stream_handshake_refused",
+                    peer=_fmt(conn.peername),
+                    reason=type(exc).__name__,
+                    error=str(exc),
+                    suppressed=suppressed,
+                )
             conn.abort()
             return
         if reply is None:  # pragma: no cover - responders always reply

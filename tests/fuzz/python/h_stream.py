@@ -26,7 +26,7 @@ MAX_LEN = 65536
 _LOOP = asyncio.new_event_loop()
 
 
-class _Transport(asyncio.Transport):
+class MemoryTransport(asyncio.Transport):
     """What ``_Conn`` uses of a selector transport, in memory."""
 
     def __init__(self) -> None:
@@ -56,7 +56,7 @@ class _Transport(asyncio.Transport):
         return None
 
 
-def _feed(conn: _Conn, data: bytes, rng: random.Random, transport: _Transport) -> None:
+def _feed(conn: _Conn, data: bytes, rng: random.Random, transport: MemoryTransport) -> None:
     pos = 0
     while pos < len(data) and not transport.closing:
         n = min(len(data) - pos, rng.choice((1, 3, 4, 5, 17, 1000, 70000)))
@@ -76,7 +76,7 @@ async def _run(data: bytes) -> None:
     channel = keyed_pair()[1] if active else responder()
     server = StreamServer("127.0.0.1", 0, channel, sink, policy=RekeyPolicy(rekey_timeout=0.0))
     conn = _Conn(server)
-    transport = _Transport()
+    transport = MemoryTransport()
     conn.connection_made(transport)
     if active:
         server._pending.discard(conn)
@@ -87,6 +87,7 @@ async def _run(data: bytes) -> None:
     assert transport.closing or sink.accounted() >= complete, (sink.accounted(), complete)
     await asyncio.sleep(0)  # the pending-handshake timer (rekey_timeout 0) fires
     conn.connection_lost(None)
+    assert not body or sink.accounted() >= 1, "bytes from a peer left no trace in the counters"
 
 
 def _complete_messages(body: bytes) -> int:

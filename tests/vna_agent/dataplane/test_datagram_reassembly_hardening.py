@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import structlog
+
 from vna_agent.dataplane.datagram import MAX_PARTIALS, DatagramLink
 from vna_agent.dataplane.record import REPLAY_WINDOW_BITS
 from vna_agent.dataplane.session import SecureChannel
@@ -156,3 +158,12 @@ def test_empty_datagram_is_a_counted_drop() -> None:
     _, rx, sink, _ = _keyed_receiver()
     rx._on_datagram(memoryview(b""), ATTACKER)
     assert sink.stats.drops == {"decode": 1}
+
+
+def test_refused_handshakes_are_counted_always_and_logged_once_a_second() -> None:
+    _, rx, sink, _ = _keyed_receiver()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(200):
+            rx._on_datagram(memoryview(b"\x01" + bytes(131)), ATTACKER)
+    assert sink.stats.handshakes_refused == 200
+    assert 1 <= len([e for e in logs if e["event"] == "datagram_handshake_refused"]) <= 2
