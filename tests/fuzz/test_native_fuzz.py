@@ -6,6 +6,7 @@ invariant) fails the test. ``python -m tests.fuzz.native --seconds 60`` (``make 
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -33,3 +34,9 @@ def test_a_short_campaign_finds_nothing(harness: str) -> None:
     outcome = native.run(harness, SECONDS)
     assert not outcome.crashed, f"{outcome.artifact}\n{outcome.log[-4000:]}"
     assert outcome.executions > 0 and outcome.edges > 0 and outcome.corpus > 0, outcome.log[-2000:]
+
+
+def test_core_unit_checks() -> None:
+    """What no socket reaches: an oversized record is refused before decryption; BLAKE2s (mac1) vectors."""
+    done = subprocess.run([str(native.build_unit())], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-4000:]

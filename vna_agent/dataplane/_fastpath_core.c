@@ -498,9 +498,11 @@ static int piece_counter(const Slot *s, uint32_t seq, uint64_t *out) {
     return 1;
 }
 
-/* Where a piece goes: the partial of (receiver, seq, count, piece_len), a new one, or NULL. A piece
- * that disagrees with another on count or size opens its own partial rather than spoiling one. */
-static Partial *find_partial(FpCore *c, uint32_t receiver, uint32_t seq, int count, size_t plen, double now) {
+/* Where a piece goes: the partial of (receiver, seq, count, piece_len, source), a new one, or NULL. A
+ * piece that disagrees with another on count, size or source opens its own partial rather than
+ * spoiling one. */
+static Partial *find_partial(FpCore *c, uint32_t receiver, uint32_t seq, int count, size_t plen,
+                             const struct sockaddr_storage *a, socklen_t alen, double now) {
     Partial *free_q = NULL, *oldest = NULL;
     int same_seq = 0;
     for (int i = 0; i < PARTIALS; i++) {
@@ -514,12 +516,12 @@ static Partial *find_partial(FpCore *c, uint32_t receiver, uint32_t seq, int cou
             continue;
         }
         if (q->receiver == receiver && q->seq == seq) {
-            if (q->count == count && q->piece_len == plen) return q;
+            if (q->count == count && q->piece_len == plen && q->fromlen == alen && !memcmp(&q->from, a, alen)) return q;
             same_seq++;
         }
         if (!oldest || q->stamp < oldest->stamp) oldest = q;
     }
-    if (same_seq >= 2) return NULL; /* two versions of one record are being built already */
+    if (same_seq >= 3) return NULL; /* versions of one record being built already: enough */
     Partial *q = free_q;
     if (!q) {
         q = oldest;
@@ -534,6 +536,8 @@ static Partial *find_partial(FpCore *c, uint32_t receiver, uint32_t seq, int cou
     q->seq = seq;
     q->count = count;
     q->piece_len = plen;
+    memcpy(&q->from, a, alen);
+    q->fromlen = alen;
     q->stamp = ++c->pstamp;
     q->created = now;
     return q;
@@ -580,7 +584,7 @@ static void on_piece(FpCore *c, const unsigned char *d, size_t n, const struct s
         c->drops[D_REPLAY]++;
         return;
     }
-    Partial *q = find_partial(c, receiver, seq, count, plen, now);
+    Partial *q = find_partial(c, receiver, seq, count, plen, a, alen, now);
     if (!q) {
         c->drops[D_DECODE]++;
         return;
@@ -598,6 +602,7 @@ static void on_piece(FpCore *c, const unsigned char *d, size_t n, const struct s
 void fp_on_datagram(FpCore *c, const unsigned char *d, size_t n, const struct sockaddr_storage *a, socklen_t alen,
                     double now) {
     if (!n) return;
+    if (alen > sizeof *a) alen = sizeof *a;
     if (d[0] == T_DATA) {
         int advanced = 0;
         if (fp_open_record(c, d, n, now, &advanced) && advanced) note_peer(c, a, alen);

@@ -71,6 +71,8 @@ typedef struct {
     uint32_t receiver, seq;
     int count, got;
     size_t piece_len, total; /* every piece but the last is piece_len bytes at idx * piece_len */
+    struct sockaddr_storage from; /* pieces of one record come from one address */
+    socklen_t fromlen;
     uint64_t have[4];
     uint64_t stamp;
     double created;
@@ -136,7 +138,7 @@ size_t fp_split_pieces(const unsigned char *rec, size_t n, size_t chunk, unsigne
 /* Receiving. A DATA record: 1 when it authenticated; *advanced (may be NULL) says whether it moved
  * the window's top (only such a record may move the peer's address). */
 int fp_open_record(FpCore *c, const unsigned char *rec, size_t n, double now, int *advanced);
-/* One datagram from addr. */
+/* One datagram from addr (never NULL). */
 void fp_on_datagram(FpCore *c, const unsigned char *d, size_t n, const struct sockaddr_storage *a, socklen_t alen,
                     double now);
 /* What one recvmsg returned: k bytes, GRO segments of seg bytes (0: one datagram). */

@@ -91,6 +91,21 @@ def build(harness: str) -> Path:
     return out
 
 
+def build_unit() -> Path:
+    """Compile ``unit_core.c`` (plain checks of the core under ASan+UBSan, no libFuzzer); returns the binary."""
+    out = BUILD / "unit_core"
+    sources = [HERE / "unit_core.c", HERE / "fuzz_common.h", CORE / "_fastpath_core.c", CORE / "_fastpath_core.h"]
+    if out.exists() and all(s.stat().st_mtime < out.stat().st_mtime for s in sources):
+        return out
+    BUILD.mkdir(parents=True, exist_ok=True)
+    flags = [f.replace("fuzzer,", "") for f in CFLAGS]
+    cmd = [clang(), *flags, f"-I{CORE}", str(sources[0]), str(sources[2]), "-lcrypto", "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"building unit_core failed:\n{done.stderr}")
+    return out
+
+
 def inputs(directory: Path) -> list[Path]:
     """The files of a corpus or crash directory (none if it does not exist)."""
     return sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []

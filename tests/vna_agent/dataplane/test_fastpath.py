@@ -88,7 +88,7 @@ def _wait(pred: Callable[[], Any], timeout: float = 3.0) -> Any:
 class Rig:
     """A pump between a frame socket (``tap``) and a link socket (``peer``)."""
 
-    def __init__(self, *, stream: bool = True, chunk: int = 0, **pump_options: Any) -> None:
+    def __init__(self, *, stream: bool = True, chunk: int = 0, vnet: bool = False, **pump_options: Any) -> None:
         self.tap_pump, self.tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if stream:
             self.link_pump, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -103,7 +103,7 @@ class Rig:
         self.peer.settimeout(3)
         self.native, self.python = _sessions()
         self.pump: Any = _fastpath.Pump(
-            self.tap_pump.fileno(), self.link_pump.fileno(), stream, False, 32768, chunk, **pump_options
+            self.tap_pump.fileno(), self.link_pump.fileno(), stream, vnet, 32768, chunk, **pump_options
         )
         self.identity = StaticKeyPair.generate()  # the pump's node: handshakes must be addressed to it
         self.pump.set_static(self.identity.public.raw)
@@ -501,8 +501,9 @@ def test_a_promotion_survives_a_stale_session_table(rig: Rig) -> None:
 
 
 @needs_native
-def test_datagram_falls_back_to_single_pieces_when_gso_is_refused() -> None:
-    r = Rig(stream=False, chunk=1000)
+def test_datagram_falls_back_to_single_pieces_when_gso_is_refused_and_retries_later() -> None:
+    """Issue 9 finding 7: one refusal (a forged ICMP "too big" can cause it) must not turn GSO off for good."""
+    r = Rig(stream=False, chunk=1000, gso_retry=0.2)
     try:
         r.link_pump.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK: the kernel refuses UDP_SEGMENT sends
         r.pump.start()
@@ -511,6 +512,14 @@ def test_datagram_falls_back_to_single_pieces_when_gso_is_refused() -> None:
         assert _open(r.python, _reassemble(r.peer))[0] == big
         assert r.pump.stats()["gso"] == 0
         assert (_fastpath.EV_MSGSIZE, 22, b"", None) in _wait(r.pump.take)  # EINVAL: Python re-reads the path MTU
+        r.link_pump.setsockopt(socket.SOL_SOCKET, 11, 0)  # the path takes GSO again
+
+        def back() -> bool:
+            r.tap.send(big)
+            assert _open(r.python, _reassemble(r.peer))[0] == big
+            return bool(r.pump.stats()["gso"])
+
+        assert _wait(back, timeout=5)
     finally:
         r.close()
 
