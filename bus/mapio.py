@@ -190,14 +190,28 @@ def _parse_json(text: str) -> Any:
         raise MapFormatError(f"invalid JSON: {exc}") from None
 
 
+#: Deepest nesting a YAML map may have (the models need fewer than ten levels).
+MAX_DEPTH = 64
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses aliases (exponential expansion) and duplicate keys (silent loss)."""
+
+    depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(None, None, "aliases are not allowed in maps", event.start_mark)
-        return super().compose_node(parent, index)
+        # Maps nest a few levels; deep flow nesting makes PyYAML's scanner quadratic (seconds for 2,000 '[').
+        if self.depth >= MAX_DEPTH:
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[tuple[str, str]] = set()
