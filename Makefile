@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench bench-events bench-overlay schema clean
+.PHONY: setup demo test test-fast lint bench bench-events bench-overlay schema clean fuzz
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy bus manager vnm migrater vna_agent capture_agent deploy_agent mapper deploy/lab
+
+fuzz: setup
+	$(BIN)/python -m tests.fuzz.python --seconds 60
+	$(BIN)/python -m tests.fuzz.native --seconds 60
 
 bench: bench-events bench-overlay
 

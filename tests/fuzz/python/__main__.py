@@ -2,7 +2,7 @@
 
 Each harness runs in its own process (libFuzzer owns the process) over its
 repo corpus and crash reproducers; new inputs go to a temporary directory
-(``--grow`` merges the ones that add coverage into the repo corpus), a
+(``--grow`` copies the ones that added coverage into the repo corpus), a
 crash, hang or leak is written to ``crashes/<name>/`` and makes the exit
 status non-zero. ``--seed`` writes each harness' seeds (real messages of the
 implementation) into its corpus first. ``--json`` writes the figures.
@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,8 +76,10 @@ def run_harness(name: str, seconds: int, *, grow: bool = False, quiet: bool = Tr
             str(crashes),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=seconds + 120)
-        if grow:
-            subprocess.run([*cmd[:4], "-merge=1", str(corpus), tmp], capture_output=True, check=False)
+        if grow:  # every unit libFuzzer kept added coverage when it was found (-merge needs a re-executable argv[0])
+            for unit in Path(tmp).iterdir():
+                if not (corpus / unit.name).exists():
+                    shutil.copyfile(unit, corpus / unit.name)
     log = proc.stdout + proc.stderr
     if not quiet or proc.returncode:
         sys.stderr.write(log[-6000:])
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=60, help="fuzzing time per harness")
     ap.add_argument("--harness", action="append", choices=HARNESSES, help="only this harness (repeatable)")
     ap.add_argument("--seed", action="store_true", help="write the seeds into the corpora first")
-    ap.add_argument("--grow", action="store_true", help="merge new coverage into the repo corpora")
+    ap.add_argument("--grow", action="store_true", help="copy the inputs that added coverage into the repo corpora")
     ap.add_argument("--json", type=Path, help="write the outcomes as JSON")
     ap.add_argument("--verbose", action="store_true", help="show libFuzzer's output")
     args = ap.parse_args(argv)
