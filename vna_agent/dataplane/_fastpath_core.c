@@ -32,7 +32,7 @@
 
 const char *const FP_DROP_NAMES[D_COUNT] = {
     "bad_tag", "replay", "no_session", "nonce_exhausted", "too_big", "decode", "incomplete",
-    "queue_full", "offload_mismatch", "device",
+    "queue_full", "offload_mismatch", "device", "handshake",
 };
 
 #define VNET_F_NEEDS_CSUM 1
@@ -69,7 +69,8 @@ void fp_core_init(FpCore *c, int stream, int vnet, const FpIO *io, void *ctx) {
     c->io = io;
     c->ctx = ctx;
     c->tx = -1;
-    c->hs_tokens = HS_BURST_OTHER;
+    c->hs_pass.tokens = HS_BURST_OTHER;
+    c->hs_check.tokens = HS_CHECK_BURST;
 }
 
 int fp_core_alloc(FpCore *c) {
@@ -417,46 +418,52 @@ int fp_open_record(FpCore *c, const unsigned char *rec, size_t n, double now, in
 
 /* -- handshakes ------------------------------------------------------------------------- */
 
+static void b2s_keyed_state(uint32_t state[8], const unsigned char key[32], size_t out_len);
+static void b2s_from_state(unsigned char *out, size_t out_len, const uint32_t state[8], const void *in, size_t n);
+
 void fp_set_static(FpCore *c, const unsigned char pub[32]) {
-    unsigned char in[8 + 32];
+    unsigned char in[8 + 32], key[32];
     memcpy(in, "mac1----", 8);
     memcpy(in + 8, pub, 32);
-    fp_blake2s(c->mac1_key, 32, NULL, 0, in, sizeof in);
+    fp_blake2s(key, 32, NULL, 0, in, sizeof in);
+    b2s_keyed_state(c->mac1_state, key, MAC1_LEN);
     c->has_mac1 = 1;
 }
 
 static int mac1_ok(const FpCore *c, const unsigned char *d, size_t n) {
     unsigned char mac[MAC1_LEN];
-    fp_blake2s(mac, MAC1_LEN, c->mac1_key, 32, d, n - MAC1_LEN);
+    b2s_from_state(mac, MAC1_LEN, c->mac1_state, d, n - MAC1_LEN);
     unsigned diff = 0;
     for (int i = 0; i < MAC1_LEN; i++) diff |= mac[i] ^ d[n - MAC1_LEN + i];
     return diff == 0;
+}
+
+/* 1 and one token less if the bucket has one. */
+static int take_token(FpBucket *b, double rate, double burst, double now) {
+    double t = b->tokens + (now - b->stamp) * rate;
+    b->tokens = t > burst ? burst : t;
+    b->stamp = now;
+    if (b->tokens < 1.0) return 0;
+    b->tokens -= 1.0;
+    return 1;
+}
+
+static int refuse(FpCore *c) {
+    c->drops[D_HANDSHAKE]++;
+    return 0;
 }
 
 int fp_handshake_gate(FpCore *c, const unsigned char *d, size_t n, int from_peer, double now) {
     int resp;
     if (n == INITIATION_LEN && d[0] == T_INITIATION) resp = 0;
     else if (n == RESPONSE_LEN && d[0] == T_RESPONSE) resp = 1;
-    else resp = -1;
-    if (resp < 0 || d[1] || d[2] || d[3] || (c->has_mac1 && !mac1_ok(c, d, n))) {
-        c->drops[D_DECODE]++;
-        return 0;
-    }
+    else return refuse(c);
     from_peer = from_peer ? 1 : 0;
-    if (c->hs_queued[resp][from_peer] >= (unsigned)(from_peer ? HS_QUOTA_PEER : HS_QUOTA_OTHER)) {
-        c->drops[D_QUEUE_FULL]++;
-        return 0;
-    }
-    if (!from_peer) {
-        double t = c->hs_tokens + (now - c->hs_stamp) * HS_RATE_OTHER;
-        c->hs_tokens = t > HS_BURST_OTHER ? HS_BURST_OTHER : t;
-        c->hs_stamp = now;
-        if (c->hs_tokens < 1.0) {
-            c->drops[D_QUEUE_FULL]++;
-            return 0;
-        }
-        c->hs_tokens -= 1.0;
-    }
+    if (d[1] || d[2] || d[3]) return refuse(c);
+    if (c->hs_queued[resp][from_peer] >= (unsigned)(from_peer ? HS_QUOTA_PEER : HS_QUOTA_OTHER)) return refuse(c);
+    if (!from_peer && !take_token(&c->hs_check, HS_CHECK_RATE, HS_CHECK_BURST, now)) return refuse(c);
+    if (c->has_mac1 && !mac1_ok(c, d, n)) return refuse(c);
+    if (!from_peer && !take_token(&c->hs_pass, HS_RATE_OTHER, HS_BURST_OTHER, now)) return refuse(c);
     c->hs_queued[resp][from_peer]++;
     return 1;
 }
@@ -469,11 +476,15 @@ static int same_peer(const FpCore *c, const struct sockaddr_storage *a, socklen_
 
 static void on_message(FpCore *c, const unsigned char *d, size_t n, const struct sockaddr_storage *a, socklen_t alen,
                        double now) {
+    if (d[0] != T_INITIATION && d[0] != T_RESPONSE) { /* no message of ours */
+        c->drops[D_DECODE]++;
+        return;
+    }
     int from_peer = c->stream || same_peer(c, a, alen);
     if (!fp_handshake_gate(c, d, n, from_peer, now)) return;
     if (c->io->event(c->ctx, EV_MESSAGE, 0, d, n, a, alen) < 0) { /* not queued: give its quota back */
         c->hs_queued[d[0] == T_RESPONSE][from_peer ? 1 : 0]--;
-        c->drops[D_QUEUE_FULL]++;
+        c->drops[D_HANDSHAKE]++;
     }
 }
 
@@ -731,6 +742,35 @@ static void b2s_update(B2s *x, const unsigned char *in, size_t n) {
     }
 }
 
+static void b2s_final(B2s *x, unsigned char *out, size_t out_len) {
+    x->t[0] += (uint32_t)x->c;
+    if (x->t[0] < x->c) x->t[1]++;
+    while (x->c < 64) x->b[x->c++] = 0;
+    b2s_compress(x, 1);
+    for (size_t i = 0; i < out_len; i++) out[i] = (unsigned char)(x->h[i >> 2] >> (8 * (i & 3)));
+}
+
+/* The chaining value after the (padded) key block, for messages that are never empty. */
+static void b2s_keyed_state(uint32_t state[8], const unsigned char key[32], size_t out_len) {
+    B2s x;
+    memset(&x, 0, sizeof x);
+    memcpy(x.h, B2S_IV, sizeof x.h);
+    x.h[0] ^= 0x01010000u ^ (32u << 8) ^ (uint32_t)out_len;
+    memcpy(x.b, key, 32);
+    x.t[0] = 64;
+    b2s_compress(&x, 0);
+    memcpy(state, x.h, sizeof x.h);
+}
+
+static void b2s_from_state(unsigned char *out, size_t out_len, const uint32_t state[8], const void *in, size_t n) {
+    B2s x;
+    memset(&x, 0, sizeof x);
+    memcpy(x.h, state, sizeof x.h);
+    x.t[0] = 64;
+    b2s_update(&x, in, n);
+    b2s_final(&x, out, out_len);
+}
+
 void fp_blake2s(unsigned char *out, size_t out_len, const void *key, size_t key_len, const void *in, size_t in_len) {
     B2s x;
     memset(&x, 0, sizeof x);
@@ -741,9 +781,5 @@ void fp_blake2s(unsigned char *out, size_t out_len, const void *key, size_t key_
         x.c = 64; /* the key block is padded to a full block */
     }
     b2s_update(&x, in, in_len);
-    x.t[0] += (uint32_t)x.c;
-    if (x.t[0] < x.c) x.t[1]++;
-    while (x.c < 64) x.b[x.c++] = 0;
-    b2s_compress(&x, 1);
-    for (size_t i = 0; i < out_len; i++) out[i] = (unsigned char)(x.h[i >> 2] >> (8 * (i & 3)));
+    b2s_final(&x, out, out_len);
 }

@@ -42,17 +42,22 @@
 #define RESPONSE_LEN 76
 #define MAC1_LEN 16
 /* Handshakes queued for Python between two take() calls, per type and origin (the link's peer or
- * anyone else), and a token bucket (per second, burst) for the ones from anyone else: a flood costs
- * Python a bounded number of X25519 attempts per second whatever its rate. */
+ * anyone else), and token buckets (per second, burst) for the ones from anyone else: one for the
+ * messages that reach Python (a flood costs it a bounded number of X25519 attempts per second
+ * whatever its rate), one for the mac1 checks (a flood costs this thread a bounded number of BLAKE2s
+ * per second; past it, messages from elsewhere are refused unchecked, which is where WireGuard would
+ * answer with a cookie). Messages from the peer's address are always checked. */
 #define HS_QUOTA_PEER 8
 #define HS_QUOTA_OTHER 8
 #define HS_RATE_OTHER 50.0
 #define HS_BURST_OTHER 16.0
+#define HS_CHECK_RATE 65536.0
+#define HS_CHECK_BURST 4096.0
 
 enum { EV_MESSAGE = 1, EV_ROTATED = 2, EV_CLOSED = 3, EV_PEER = 4, EV_MSGSIZE = 5, EV_DEVICE = 6 };
 enum {
     D_BAD_TAG, D_REPLAY, D_NO_SESSION, D_NONCE, D_TOO_BIG, D_DECODE, D_INCOMPLETE,
-    D_QUEUE_FULL, D_OFFLOAD, D_DEVICE, D_COUNT
+    D_QUEUE_FULL, D_OFFLOAD, D_DEVICE, D_HANDSHAKE, D_COUNT
 };
 extern const char *const FP_DROP_NAMES[D_COUNT];
 
@@ -79,6 +84,10 @@ typedef struct {
     unsigned char *buf;
 } Partial;
 
+typedef struct {
+    double tokens, stamp;
+} FpBucket;
+
 /* What the core hands out. tap: write one frame (the iovec pieces in order); 0 or an errno.
  * event: queue an event for Python; 0, or -1 when it could not be queued. flow: a received frame
  * (for the flow sampler); may be NULL. */
@@ -101,9 +110,9 @@ typedef struct {
     socklen_t peerlen;
     /* handshake gate */
     int has_mac1;
-    unsigned char mac1_key[32];
+    uint32_t mac1_state[8]; /* BLAKE2s chaining value once the mac1 key block is absorbed */
     unsigned hs_queued[2][2]; /* [response?][from the peer?] since the last fp_handshakes_taken */
-    double hs_tokens, hs_stamp;
+    FpBucket hs_pass, hs_check; /* handshakes from elsewhere: passed to Python, mac1-checked */
     /* receive counters (the pump keeps the send ones) */
     unsigned long long records_in, bytes_in, frames_in, keepalives_in, drops[D_COUNT];
     double last_rx;

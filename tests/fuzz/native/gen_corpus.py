@@ -1,11 +1,13 @@
 """Seed corpora of the native harnesses, built with the Python implementation of the same wire format.
 
-``python -m tests.fuzz.native.gen_corpus [--payloads DIR]`` writes ``corpus/<harness>/seed-*``.
+``python -m tests.fuzz.native.gen_corpus`` writes ``corpus/<harness>/seed-*``.
 
-The record payloads come from ``--payloads`` (a directory of record payloads captured from a lab tunnel:
-one file each, first byte the record flags, then the payload exactly as the pump opened it; see
-``capture_payloads`` in this module's docstring of the test that made them) and a few built here
-(ARP, TCP frames, a TSO superframe behind its virtio_net_hdr, bundles). Each payload is sealed under
+The record payloads are real traffic first: ``captured/`` holds record payloads the pump opened during
+the lab's netns tunnel tests (``tests/vna_agent/dataplane/test_netns.py``: ARP, ping and a TCP
+transfer over an encrypted datagram tunnel with TAP offloads), one file each, the record flags byte
+then the payload: virtio_net_hdr frames, TSO superframes (gso_type TCPv4), bundles, a keepalive. They
+were taken once with a temporary capture in ``fp_open_record`` (not kept in the code). A few more are
+built here (IPv6 TSO, ECN, frames without a virtio header). Each payload is sealed under
 the harness' fixed session keys (``fuzz_common.h``) by :class:`~vna_agent.dataplane.record.RecordSession`
 and laid out the way the pump and the Python link send it: one datagram, PIECE runs in order, reversed
 with a duplicate, a GRO-coalesced run, stream framing; plus handshakes with a valid mac1, keepalives,
@@ -20,7 +22,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tests.fuzz.native import CORPUS
+from tests.fuzz.native import CORPUS, HERE
 from vna_agent.dataplane.handshake import INITIATION_LEN, RESPONSE_LEN, SessionKeys
 from vna_agent.dataplane.keys import PublicKey
 from vna_agent.dataplane.mtu import piece_chunk
@@ -38,6 +40,7 @@ from vna_agent.dataplane.wire import (
 LOCAL_INDEX, NEXT_INDEX, REMOTE_INDEX = 0x0A0B0C0D, 0x0A0B0C0E, 0x01020304
 _TAIL = bytes(range(1, 31))
 RX_KEY, TX_KEY, NEXT_KEY, STATIC_PUB = (bytes(p) + _TAIL for p in (b"RX", b"TX", b"NX", b"SP"))
+CAPTURED = HERE / "captured"
 CHUNK = piece_chunk(1500)  # record bytes per piece on a 1500-byte IPv4 path, as the links compute it
 _U16 = struct.Struct("!H")
 
@@ -125,8 +128,8 @@ def built_payloads() -> list[tuple[int, bytes]]:
         (0, _ipv4_tcp(1460)),
         (FLAG_BUNDLE, _bundle(acks)),
         (FLAG_VNET, _vnet(_ipv4_tcp(0), gso=0, flags=0)),
-        (FLAG_VNET, _vnet(_ipv4_tcp(1448 * 40), gso=1)),
-        (FLAG_VNET, _vnet(_ipv6_tcp(1428 * 20), gso=4, csum_start=54, gso_size=1428)),
+        (FLAG_VNET, _vnet(_ipv4_tcp(1448 * 8), gso=1)),
+        (FLAG_VNET, _vnet(_ipv6_tcp(1428 * 6), gso=4, csum_start=54, gso_size=1428)),
         (FLAG_VNET, _vnet(_ipv4_tcp(1448 * 44), gso=0x81)),
         (FLAG_VNET | FLAG_BUNDLE, _bundle(_vnet(a, flags=1) for a in acks)),
         (0, b""),  # keepalive
@@ -148,6 +151,7 @@ def _unit(data: bytes, *, addr: int = 0, advance: int = 0, gro: int | None = Non
 
 
 def datagram_seeds(payloads: list[tuple[int, bytes]]) -> Iterator[bytes]:
+    late = False
     for flags, payload in payloads:
         s = peer_session()
         rec = seal(s, payload, flags)
@@ -160,7 +164,9 @@ def datagram_seeds(payloads: list[tuple[int, bytes]]) -> Iterator[bytes]:
         yield b"\0" + b"".join(_unit(p) for p in [*reversed(ps), ps[0]])
         run = b"".join(ps)
         yield b"\0" + _unit(run, gro=CHUNK + PIECE_HEADER.size)
-        yield b"\0" + b"".join(_unit(p) for p in ps[:-1]) + _unit(ps[-1], advance=31)  # the last comes too late
+        if not late:  # once: the last piece comes after the partial aged out
+            yield b"\0" + b"".join(_unit(p) for p in ps[:-1]) + _unit(ps[-1], advance=31)
+            late = True
     wrap = peer_session(counter=0xFFFFFFF8)
     yield b"\2" + b"".join(_unit(p) for _ in range(12) for p in pieces(seal(wrap, _ipv4_tcp(3000), 0)))
     nxt = peer_session(next_session=True)
@@ -182,7 +188,7 @@ def stream_seeds(payloads: list[tuple[int, bytes]]) -> Iterator[bytes]:
 def keyed_seeds(payloads: list[tuple[int, bytes]]) -> Iterator[bytes]:
     chunk = (CHUNK - 64) // 32
     for flags, payload in payloads:
-        for transport in range(5):
+        for transport in range(5) if len(payload) <= 4096 else (1, 3):  # big ones: PIECE runs and GRO only
             vnet_tap = 4 if flags & FLAG_VNET else 0
             yield bytes([flags | vnet_tap | (transport << 3), chunk]) + payload
     yield bytes([0x40, chunk]) + _arp()  # the next session's first record
@@ -200,9 +206,11 @@ def write(harness: str, seeds: Iterable[bytes]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz.native.gen_corpus")
-    parser.add_argument("--payloads", type=Path, help="captured record payloads (flags byte + payload per file)")
+    parser.add_argument(
+        "--payloads", type=Path, default=CAPTURED, help="captured record payloads (flags byte + payload)"
+    )
     args = parser.parse_args(argv)
-    payloads = built_payloads() + captured_payloads(args.payloads)
+    payloads = captured_payloads(args.payloads) + built_payloads()
     for name, gen in (("datagram", datagram_seeds), ("stream", stream_seeds), ("keyed", keyed_seeds)):
         print(name, write(name, gen(payloads)))
 
