@@ -111,6 +111,11 @@ class TunnelStatus(VnaMessage):
     records_in: int = 0
     records_out: int = 0
     drops: dict[str, int] = Field(default_factory=dict)
+    handshakes_refused: int = Field(default=0, description="Handshake messages refused (a server's junk count).")
+    handshakes_failed: int = Field(default=0, description="Handshakes started or awaited that did not complete.")
+    receiver_index: int | None = Field(
+        default=None, description="Index the peer's records name for the current session (in the clear on the wire)."
+    )
     last_handshake: dt.datetime | None = None
     fastpath: bool = Field(default=False, description="Frames move in the native forwarding thread (not Python).")
 

@@ -417,6 +417,9 @@ class VnaAgent:
             records_in=int(st.get("records_in", 0)),
             records_out=int(st.get("records_out", 0)),
             drops={k: int(v) for k, v in (st.get("drops") or {}).items()},
+            handshakes_refused=int(st.get("handshakes_refused", 0)),
+            handshakes_failed=int(st.get("handshakes_failed", 0)),
+            receiver_index=session.get("current_index"),
             last_handshake=dt.datetime.fromtimestamp(last_hs, dt.UTC) if isinstance(last_hs, int | float) else None,
             fastpath=bool(st.get("fastpath")),
         )
