@@ -263,7 +263,7 @@ class NetworkInterface(Record):
             return self
         if self.prefix_len > self.address.max_prefixlen:
             raise ValueError(f"interface {self.name}: prefix /{self.prefix_len} is too long for {self.address}")
-        subnet = ipaddress.ip_interface(f"{self.address}/{self.prefix_len}").network
+        subnet = ipaddress.ip_network((self.address, self.prefix_len), strict=False)
         if (
             subnet.version == 4
             and self.prefix_len <= 30
@@ -285,7 +285,7 @@ class NetworkInterface(Record):
         """The subnet given by address and prefix length, if both are known."""
         if self.address is None or self.prefix_len is None:
             return None
-        return ipaddress.ip_interface(f"{self.address}/{self.prefix_len}").network
+        return ipaddress.ip_network((self.address, self.prefix_len), strict=False)
 
 
 class Node(Record):

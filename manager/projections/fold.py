@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bus.kinds import ROOT_STATE, Aggregate
-from manager.domain import apply_event
+from manager.domain import RecordMemo, apply_event
 from manager.projections.errors import InvalidEvent
 from manager.store.recorder import StoredEvent
 
@@ -112,8 +112,11 @@ class _NeedsModel(Exception):
     """apply_event used a state other than through its JSON dump: fold with the real model."""
 
 
-def fold_json(aggregate: Aggregate, state: JsonState, ev: StoredEvent) -> JsonState:
+def fold_json(aggregate: Aggregate, state: JsonState, ev: StoredEvent, memo: RecordMemo | None = None) -> JsonState:
     """:func:`fold_event` on states in JSON form: the manager's fold, state in and out as JSON.
+
+    ``memo`` spares validating again the records of a root that the event left as they were
+    (:class:`manager.domain.RecordMemo`); the folded state is the same with or without it.
 
     Raises:
         InvalidEvent: the event does not fit the state (wrong type, bad payload, missing root...).
@@ -122,14 +125,16 @@ def fold_json(aggregate: Aggregate, state: JsonState, ev: StoredEvent) -> JsonSt
         return fold_saga(state, ev)
     proxy = None if state is None else _JsonForm.model_construct(form=state)
     try:
-        folded = apply_event(aggregate, proxy, ev.event_type, ev.data)
+        folded = apply_event(aggregate, proxy, ev.event_type, ev.data, memo)
     except (_NeedsModel, AttributeError):  # the domain read the state some other way: same fold, real model
         return state_to_json(fold_event(aggregate, state_from_json(aggregate, state), ev))
     except InvalidEvent:
         raise
     except Exception as exc:  # a pure fold: whatever it raises is the event's fault, never the database's
         raise InvalidEvent(f"cannot fold {ev.event_type}: {exc}", details={"error": type(exc).__name__}) from exc
-    return None if folded is None else folded.model_dump(mode="json")
+    if folded is None:
+        return None
+    return folded.model_dump(mode="json") if memo is None else memo.dump(folded)
 
 
 def state_to_json(state: RootState) -> dict[str, Any] | None:

@@ -48,6 +48,7 @@ from sqlalchemy.schema import CreateSchema
 
 from bus.envelope import utcnow
 from bus.kinds import Aggregate
+from manager.domain import RecordMemo
 from manager.projections import tables as t
 from manager.projections.engine import DEFAULT_URL, create_engine, normalise_url, open_sqlite, sqlite_file
 from manager.projections.errors import (
@@ -331,6 +332,8 @@ class Projector:
         self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         self._cache_at: int | None = None
         """Stored position the cache is valid at (None: empty)."""
+        self._memo = RecordMemo()
+        """Validated records of the roots folded lately (a fold validates only what an event changed)."""
         self._committed: int | None = None
         """Stored position after this projector's last commit (None: read it)."""
         self._applying = asyncio.Lock()
@@ -564,7 +567,7 @@ class Projector:
             if root is None:  # its aggregate type or stored state was refused: already in errors
                 continue
             try:
-                root.state = fold_json(root.aggregate, root.state, ev)
+                root.state = fold_json(root.aggregate, root.state, ev, self._memo)
             except InvalidEvent as exc:
                 errors.append(self._error_row(ev, exc.message))
                 continue

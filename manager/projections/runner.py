@@ -1,12 +1,12 @@
 """Keeps a :class:`Projector` current: a durable JetStream pull consumer on ``SF_EVENTS``.
 
-Batches are fetched (up to ``batch_size``, short timeout so lag stays low),
-applied in one transaction, and only then acknowledged, by one ack of the
-batch's last message (``AckPolicy.ALL``). A crash between commit and ack causes
-a redelivery that the projector's position check skips.
-An idle runner waits for one event, then takes whatever else is already there:
-a pull for N messages that finds none waiting would hold the first event back
-until N arrive or the fetch times out.
+Messages come through a :class:`bus.pull.PullFlow` (pull requests kept ahead
+of the runner, so the server sends the next batch while one is applied). Each
+batch is whatever has arrived (up to ``batch_size``, handed out as soon as
+there is one event, so lag stays low), applied in one transaction, and only
+then acknowledged, by one ack of the batch's last message (``AckPolicy.ALL``).
+A crash between commit and ack causes a redelivery that the projector's
+position check skips.
 
 The consumer is durable on a file-backed stream, so it survives a NATS server
 restart; the client reconnects and the runner carries on. When the consumer
@@ -26,11 +26,11 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from bus.connection import Bus
 from bus.errors import BusError, BusUnavailable
+from bus.pull import PullFlow
 from bus.subjects import EVENTS_ALL, EVENTS_STREAM
 from manager.projections.errors import ProjectionError, ProjectionGap
 from manager.projections.projector import Incoming, Projector, gc_paused
@@ -58,14 +58,6 @@ class Committed:
 
 
 CommitHook = Callable[[Committed], None]
-
-
-def _pending(msg: Msg) -> int:
-    """Messages the consumer still had to deliver after ``msg``."""
-    try:
-        return position_and_pending(msg)[1]
-    except (nats.errors.NotJSMessageError, ValueError, IndexError):  # not a JetStream reply subject
-        return 0
 
 
 def _stream_seq(msg: Msg) -> int:
@@ -123,7 +115,6 @@ class ProjectionRunner:
         self._progress = asyncio.Condition()
         self._recreate = False
         self._allow_gap = False
-        self._backlog = False
         self._log = log.bind(durable=durable_name, stream=stream, projection=projector.name)
 
     # --- life cycle ---------------------------------------------------------------------------------
@@ -172,40 +163,19 @@ class ProjectionRunner:
     async def _session(self) -> None:
         await self.projector.create_schema()
         self.position = await self.projector.position()
-        sub = await self._ensure_consumer(self.position)
-        self.started.set()
-        try:
+        await self._ensure_consumer(self.position)
+        flow = PullFlow(self.bus, self.stream, self.durable_name, window=max(2 * self.batch_size, 64))
+        async with flow:
+            self.started.set()
             while not self._stop.is_set():
                 # The collector stays paused from the fetch to the ack (at most fetch_timeout when idle):
                 # a batch's messages and objects die together, freed by reference counting, instead of
                 # being scanned and promoted by collections while the batch is received and applied.
                 # It runs, if due, between two batches, when little is alive.
                 with gc_paused(self.projector.pause_gc):
-                    try:
-                        msgs = await self._fetch(sub)
-                    except nats.errors.TimeoutError:
-                        continue
-                    await self._handle(msgs)
-        finally:
-            with contextlib.suppress(Exception):  # best effort: the connection may be down
-                await sub.unsubscribe()
-
-    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
-        """The next batch: everything already waiting (up to ``batch_size``), as soon as there is one event.
-
-        Raises:
-            nats.errors.TimeoutError: nothing arrived within ``fetch_timeout``.
-        """
-        if self._backlog or self.batch_size == 1:
-            msgs = await sub.fetch(self.batch_size, timeout=self.fetch_timeout)
-        else:
-            msgs = await sub.fetch(1, timeout=self.fetch_timeout)
-            waiting = _pending(msgs[-1])
-            if waiting:
-                with contextlib.suppress(nats.errors.TimeoutError):
-                    msgs += await sub.fetch(min(self.batch_size - 1, waiting), timeout=self.fetch_timeout)
-        self._backlog = _pending(msgs[-1]) > 0
-        return msgs
+                    msgs = await flow.next_batch(self.batch_size, self.fetch_timeout)
+                    if msgs:
+                        await self._handle(msgs)
 
     async def _handle(self, msgs: list[Msg]) -> None:
         with gc_paused(self.projector.pause_gc):
@@ -241,8 +211,8 @@ class ProjectionRunner:
 
     # --- the durable consumer -----------------------------------------------------------------------
 
-    async def _ensure_consumer(self, position: int) -> JetStreamContext.PullSubscription:
-        """Bind to the durable consumer, (re)creating it at ``position + 1`` unless it agrees."""
+    async def _ensure_consumer(self, position: int) -> None:
+        """Make sure the durable consumer exists and starts at ``position + 1`` (recreate it unless it agrees)."""
         js = self.bus.js
         try:
             info: ConsumerInfo | None = await js.consumer_info(self.stream, self.durable_name)
@@ -250,7 +220,6 @@ class ProjectionRunner:
             info = None
         if info is None or self._recreate or not self._agrees(info, position):
             await self._recreate_consumer(info is not None, position)
-        return await js.pull_subscribe_bind(durable=self.durable_name, stream=self.stream)
 
     def _agrees(self, info: ConsumerInfo, position: int) -> bool:
         floor = info.ack_floor.stream_seq if info.ack_floor else 0

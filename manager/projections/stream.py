@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -17,6 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from bus import subjects
 from bus.connection import Bus
 from bus.errors import SkyferryError
+from bus.pull import PullFlow
 from bus.subjects import EVENTS_ALL, EVENTS_STREAM
 from manager.projections.projector import Incoming, UndecodableEvent
 from manager.store.recorder import stored_from_message
@@ -79,35 +79,36 @@ class StreamReader:
 
     async def read_all(self, after: int = 0) -> AsyncIterator[Incoming]:
         """Every message after ``after`` up to the stream's end when called."""
-        end = int((await self.bus.js.stream_info(self.stream)).state.last_seq)
+        js = self.bus.js
+        end = int((await js.stream_info(self.stream)).state.last_seq)
         if end <= after:
             return
-        sub = await self.bus.js.pull_subscribe(
-            EVENTS_ALL,
-            stream=self.stream,
-            config=ConsumerConfig(
+        info = await js.add_consumer(
+            self.stream,
+            ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=after + 1,
                 ack_policy=AckPolicy.NONE,
                 inactive_threshold=30.0,
                 mem_storage=True,
+                filter_subject=EVENTS_ALL,
             ),
         )
         try:
-            while True:
-                try:
-                    msgs = await sub.fetch(self.batch, timeout=self.timeout)
-                except nats.errors.TimeoutError:
-                    return
-                for m in msgs:
-                    ev = decode_message(m)
-                    if ev.position > end:
+            async with PullFlow(self.bus, self.stream, info.name, window=2 * self.batch) as flow:
+                while True:
+                    msgs = await flow.next_batch(self.batch, self.timeout)
+                    if not msgs:
                         return
-                    yield ev
-                    if ev.position >= end:
-                        return
+                    for m in msgs:
+                        ev = decode_message(m)
+                        if ev.position > end:
+                            return
+                        yield ev
+                        if ev.position >= end:
+                            return
         finally:
             try:
-                await sub.unsubscribe()
+                await js.delete_consumer(self.stream, info.name)
             except Exception:  # the ephemeral consumer may be gone after a reconnect
                 log.debug("stream_reader_cleanup_failed")
