@@ -7,11 +7,15 @@
  * stream (u32 length framing) or the UDP socket (one datagram, or PIECE
  * messages sent with UDP_SEGMENT); received DATA records and datagram pieces
  * are reassembled, checked against a 2048-bit replay window, opened and
- * written to the TAP. Everything that is not a DATA record of a known session
- * (handshakes, unknown messages), and what Python must know (a session
- * promoted, the connection closed, a new peer address, EMSGSIZE), is queued
- * as an event and signalled on an eventfd that asyncio watches. Python keeps
- * the handshake, the rekey decisions and the connection life cycle.
+ * written to the TAP. Handshake messages that pass the core's gate (exact
+ * size, mac1, quotas), and what Python must know (a session promoted, the
+ * connection closed, a new peer address, EMSGSIZE), are queued as events and
+ * signalled on an eventfd that asyncio watches. Python keeps the handshake,
+ * the rekey decisions and the connection life cycle.
+ *
+ * All parsing of received bytes is in _fastpath_core.c (sans-IO: no Python, no
+ * sockets; the fuzz harnesses in tests/fuzz/native drive the same functions);
+ * this file owns the thread, the system calls and the Python type.
  *
  * The thread never blocks while it holds the pump's lock: stream output that
  * the socket does not take stays queued, the TAP leaves the epoll set and the
@@ -531,7 +535,7 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
     Py_ssize_t bundle = 32 * 1024, chunk = 0;
     int flows = 0, gso = 1, tap, sock, stream, vnet;
     double gso_retry = GSO_RETRY;
-    if (p->initialised || p->rbuf || p->efd >= 0) { /* also after a failed attempt: its buffers are ours */
+    if (p->initialised || p->rbuf || p->c.plain || p->efd >= 0) { /* also after a failed attempt: its buffers are ours */
         PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
     }

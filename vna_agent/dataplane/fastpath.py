@@ -8,7 +8,10 @@ sends, receives, checks and opens records without the GIL, in the same wire
 format as :mod:`.record`, :mod:`.stream` and :mod:`.datagram`.
 
 What stays in Python: connecting and accepting, handshakes (they arrive as
-events and are answered through :meth:`FastPath.send_message`), rekey
+events and are answered through :meth:`FastPath.send_message`; the native side
+passes up only initiations and responses of the exact size whose mac1 is keyed
+by this node's public key, a few per drain and, from addresses other than the
+peer's, a few per second), rekey
 decisions (fed by :meth:`FastPath.tick` with the native session counters),
 keepalive timing, status and per-flow statistics (sampled frame heads).
 

@@ -3,7 +3,7 @@
  * (fp_on_gro per recvmsg): single records, PIECE runs in any order, duplicated and overlapping,
  * GRO-coalesced buffers, handshakes, from several source addresses, over time (partials age out).
  *
- * Input: mode (1 byte: the window's starting top), then units of
+ * Input: mode (1 byte: bits 0-1 the window's starting top, bit 2 a TAP with virtio headers), then units of
  *   ctl (1) | length (2, big-endian) | [gro segment size (2) if ctl & 1] | bytes
  * ctl bits 1-2: source address (0: the link's peer), bits 3-7: clock advance in 50 ms steps.
  */

@@ -153,19 +153,20 @@ def _unit(data: bytes, *, addr: int = 0, advance: int = 0, gro: int | None = Non
 def datagram_seeds(payloads: list[tuple[int, bytes]]) -> Iterator[bytes]:
     late = False
     for flags, payload in payloads:
+        mode = b"\4" if flags & FLAG_VNET else b"\0"  # a TAP with a virtio header for offloaded traffic
         s = peer_session()
         rec = seal(s, payload, flags)
         ps = pieces(rec)
         if len(ps) == 1 or len(rec) <= CHUNK + PIECE_HEADER.size:
-            yield b"\0" + _unit(rec)
-            yield b"\0" + _unit(rec) + _unit(rec, addr=1)  # replayed from elsewhere: no roam
+            yield mode + _unit(rec)
+            yield mode + _unit(rec) + _unit(rec, addr=1)  # replayed from elsewhere: no roam
             continue
-        yield b"\0" + b"".join(_unit(p) for p in ps)
-        yield b"\0" + b"".join(_unit(p) for p in [*reversed(ps), ps[0]])
+        yield mode + b"".join(_unit(p) for p in ps)
+        yield mode + b"".join(_unit(p) for p in [*reversed(ps), ps[0]])
         run = b"".join(ps)
-        yield b"\0" + _unit(run, gro=CHUNK + PIECE_HEADER.size)
+        yield mode + _unit(run, gro=CHUNK + PIECE_HEADER.size)
         if not late:  # once: the last piece comes after the partial aged out
-            yield b"\0" + b"".join(_unit(p) for p in ps[:-1]) + _unit(ps[-1], advance=31)
+            yield mode + b"".join(_unit(p) for p in ps[:-1]) + _unit(ps[-1], advance=31)
             late = True
     wrap = peer_session(counter=0xFFFFFFF8)
     yield b"\2" + b"".join(_unit(p) for _ in range(12) for p in pieces(seal(wrap, _ipv4_tcp(3000), 0)))
