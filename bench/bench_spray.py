@@ -12,6 +12,7 @@ refusals the server counted, agents' RSS growth. Run as root, nothing else
 heavy at the same time (``flock /tmp/skyferry-bench.lock``)::
 
     python -m bench.bench_spray --repeat 3 --seconds 10 --json bench/results/spray.json
+    python -m bench.bench_spray --repeat 3 --seconds 10 --python-path   # agents without the native fast path
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 from collections.abc import AsyncIterator
@@ -110,8 +112,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--udp-rate", type=float, default=1000.0)
     ap.add_argument("--tcp-rate", type=float, default=20.0)
+    ap.add_argument("--python-path", action="store_true", help="agents on the Python data path (SKYFERRY_FASTPATH=0)")
     ap.add_argument("--json", type=Path, help="write rows and summary here")
     args = ap.parse_args()
+    os.environ["SKYFERRY_FASTPATH"] = "0" if args.python_path else "1"  # the agent processes inherit it
     rows = asyncio.run(measure(args))
     result = {"settings": vars(args) | {"json": str(args.json)}, "rows": rows, "summary": summary(rows)}
     print(json.dumps(result["summary"], indent=2))
