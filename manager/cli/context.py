@@ -241,10 +241,10 @@ def run(
     code = ExitCode.OK
     try:
         asyncio.run(fn(settings))
+    except (ValidationError, ModelError) as exc:  # first: a ModelError is a SkyferryError too
+        failure = local_error(exc, "input")
     except SkyferryError as err:
         failure = err
-    except (ValidationError, ModelError) as exc:
-        failure = local_error(exc, "input")
     except KeyboardInterrupt:
         code = ExitCode.OK if interrupt_ok else ExitCode.INTERRUPTED
     except OSError as exc:
