@@ -11,9 +11,11 @@ Three figures:
   which fails at the first AEAD after one X25519, and on a genuine one), hence the CPU per second a
   flood can cost Python at most;
 * **the data path under a flood**, end to end on loopback: two datagram pumps carry 1400-byte frames
-  while another process sprays the receiving pump's port with valid-mac1 initiations as fast as it
-  can; frames per second delivered with and without the flood, and the handshakes per second that
-  reached Python (drained with ``take()`` every 10 ms).
+  while another process sprays the receiving pump's port with valid-mac1 initiations, paced
+  (``--flood-rates``, default 20,000/s) and as fast as it can; frames per second delivered with and
+  without the flood, the handshakes per second refused and that reached Python (drained with
+  ``take()`` every 10 ms), and the receiving pump thread's CPU. On a 2-core machine the unpaced
+  flooder takes a core itself: compare the pump's CPU, not only the frames.
 
 Run (never two benchmarks at once; see ``bench/README.md``)::
 
@@ -95,10 +97,11 @@ def _sessions() -> tuple[RecordSession, RecordSession, StaticKeyPair]:
 _FLOOD = textwrap.dedent(
     """
     import socket, sys, time
-    msg, port, seconds = bytes.fromhex(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    msg, port, seconds, rate = bytes.fromhex(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    sent, end = 0, time.monotonic() + seconds
+    sent, start = 0, time.monotonic()
+    end = start + seconds
     while time.monotonic() < end:
         for _ in range(256):
             try:
@@ -106,6 +109,10 @@ _FLOOD = textwrap.dedent(
                 sent += 1
             except OSError:
                 pass
+        if rate:  # paced: sleep off the time the batch was early
+            ahead = start + sent / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
     print(sent)
     """
 )
@@ -160,7 +167,7 @@ class Link:
             s.close()
 
 
-def _measure(link: Link, seconds: float, flood: bytes | None) -> dict[str, Any]:
+def _measure(link: Link, seconds: float, flood: bytes | None, rate: float = 0.0) -> dict[str, Any]:
     stop = threading.Event()
     received = [0]
 
@@ -181,7 +188,7 @@ def _measure(link: Link, seconds: float, flood: bytes | None) -> dict[str, Any]:
 
     flooder = None
     if flood is not None:
-        cmd = [sys.executable, "-c", _FLOOD, flood.hex(), str(link.port), str(seconds + 1)]
+        cmd = [sys.executable, "-c", _FLOOD, flood.hex(), str(link.port), str(seconds + 1), str(rate)]
         flooder = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)  # the flood is on before the measurement starts
     threads = [threading.Thread(target=write, daemon=True), threading.Thread(target=read, daemon=True)]
@@ -212,14 +219,16 @@ def _measure(link: Link, seconds: float, flood: bytes | None) -> dict[str, Any]:
     }
 
 
-def data_path_under_flood(seconds: float) -> dict[str, Any]:
+def data_path_under_flood(seconds: float, rates: list[float]) -> dict[str, Any]:
+    """Quiet, then a valid-mac1 flood at each rate (0: as fast as one process sends)."""
     link = Link()
     try:
         body = bytes([1, 0, 0, 0]) + os.urandom(hs.INITIATION_LEN - 20)
         forged = body + hs._mac1(link.node.public.raw, body)  # valid mac1: the costliest flood to refuse
-        quiet = _measure(link, seconds, None)
-        flooded = _measure(link, seconds, forged)
-        return {"quiet": quiet, "flood": flooded}
+        result = {"quiet": _measure(link, seconds, None)}
+        for rate in rates:
+            result[f"flood_{int(rate) or 'max'}"] = _measure(link, seconds, forged, rate)
+        return result
     finally:
         link.close()
 
@@ -227,6 +236,7 @@ def data_path_under_flood(seconds: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_handshake_flood", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--flood-rates", default="20000,0", help="datagrams/s of each flood (0: unpaced)")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {
         "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "refusal_one_core": refusal_rates(args.seconds),
         "python_per_handshake": python_costs(),
-        "data_path": data_path_under_flood(args.seconds),
+        "data_path": data_path_under_flood(args.seconds, [float(r) for r in args.flood_rates.split(",")]),
     }
     limit = result["refusal_one_core"]["mac1_passed_per_s"]
     result["python_cpu_bound_pct"] = round(limit * result["python_per_handshake"]["genuine_us"] / 1e4, 2)
