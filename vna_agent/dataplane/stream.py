@@ -42,6 +42,8 @@ from .wire import MAX_MESSAGE, STREAM_LEN, MsgType
 log = structlog.get_logger("vna_agent.dataplane.stream")
 
 RX_BUFFER = 1 << 20
+#: Receive buffer of a connection before it is authenticated (handshake messages are < 200 bytes).
+PENDING_BUFFER = 4096
 TX_BUFFER = 1 << 19
 FLUSH_AT = 1 << 18
 WRITE_HIGH = 4 << 20
@@ -62,14 +64,19 @@ class _Conn(asyncio.BufferedProtocol):
         self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.peername: Any = None
-        self._buf = bytearray(RX_BUFFER)
+        # Until authenticated only handshake messages are valid: a small buffer, so that junk
+        # connections cost no megabyte each; the full ring comes with authentication (grow()).
+        self._buf = bytearray(PENDING_BUFFER)
         self._mv = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self._grow = False
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.paused = False
+        self.expiry: asyncio.TimerHandle | None = None
+        """The pending-handshake timer (server), cancelled when the connection goes."""
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -85,6 +92,9 @@ class _Conn(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.expiry is not None:
+            self.expiry.cancel()  # the timer would keep the connection (and its buffer) alive
+            self.expiry = None
         if self._end > self._start:  # a message that never completed is junk like any other: counted
             self._start = self._end = 0
             self.owner.sink.stats.drop(DropReason.INCOMPLETE)
@@ -103,8 +113,19 @@ class _Conn(asyncio.BufferedProtocol):
         self.paused = False
         self.owner.on_pause(self, False)
 
+    def grow(self) -> None:
+        """The connection is authenticated: the full receive ring from the next read on."""
+        self._grow = len(self._buf) < RX_BUFFER
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._buf) - self._end < MAX_MESSAGE + _LEN_SIZE:
+        if self._grow:  # not inside _parse, which holds views of the old buffer
+            self._grow = False
+            unparsed = self._mv[self._start : self._end]
+            self._buf = bytearray(RX_BUFFER)
+            self._buf[: len(unparsed)] = unparsed
+            self._mv = memoryview(self._buf)
+            self._start, self._end = 0, len(unparsed)
+        if len(self._buf) - self._end < min(MAX_MESSAGE + _LEN_SIZE, len(self._buf)):
             n = self._end - self._start
             self._buf[:n] = bytes(self._mv[self._start : self._end])
             self._start, self._end = 0, n
@@ -133,9 +154,10 @@ class _Conn(asyncio.BufferedProtocol):
         sink = owner.sink
         stats = sink.stats
         deliver = sink.deliver
+        limit = min(MAX_MESSAGE, len(buf) - _LEN_SIZE)  # a pending connection's buffer holds handshakes only
         while end - start >= _LEN_SIZE:
             (ln,) = _LEN.unpack_from(buf, start)
-            if ln == 0 or ln > MAX_MESSAGE:
+            if ln == 0 or ln > limit:
                 stats.drop(DropReason.DECODE)
                 suppressed = owner.refusals.allow(time.monotonic())
                 if suppressed is not None:
@@ -163,6 +185,8 @@ class _Conn(asyncio.BufferedProtocol):
                 if self.transport is None or self.transport.is_closing():
                     self._start = self._end = 0  # refused and counted; what follows is discarded with it
                     return
+                if self._grow:  # authenticated: records may follow, the next read brings the full ring
+                    limit = MAX_MESSAGE
             else:
                 stats.drop(DropReason.DECODE)
         if start == end:
@@ -345,6 +369,7 @@ class _StreamLink:
     def _activate(self, conn: _Conn) -> None:
         old = self.conn
         self.conn = conn
+        conn.grow()
         self._pos = 0
         st = self.sink.stats
         st.connects += 1
@@ -518,7 +543,7 @@ class StreamServer(_StreamLink):
             return
         self._pending.add(conn)
         loop = asyncio.get_running_loop()
-        loop.call_later(self.policy.rekey_timeout, self._expire_pending, conn)
+        conn.expiry = loop.call_later(self.policy.rekey_timeout, self._expire_pending, conn)
 
     def _expire_pending(self, conn: _Conn) -> None:
         if conn in self._pending:

@@ -167,3 +167,14 @@ def test_refused_handshakes_are_counted_always_and_logged_once_a_second() -> Non
             rx._on_datagram(memoryview(b"\x01" + bytes(131)), ATTACKER)
     assert sink.stats.handshakes_refused == 200
     assert 1 <= len([e for e in logs if e["event"] == "datagram_handshake_refused"]) <= 2
+
+
+def test_gro_runs_of_many_sizes_keep_few_slice_tables() -> None:
+    """Each GRO segment size got a table of ~128 KiB / size views, kept forever: junk of every size grew one each."""
+    _, rx, _, receiver = _keyed_receiver()
+    for seg in range(100, 300):
+        chunk = seg - PIECE_HEADER.size
+        run = b"".join(_piece(i, 3, receiver, seg, i * chunk, bytes(chunk)).tobytes() for i in range(2))
+        rx._rx[: len(run)] = run
+        assert rx._on_run(len(run), seg, ATTACKER)
+    assert len(rx._src_slices) <= 4

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import structlog
 
-from tests.fuzz.python._dataplane import CountingSink, responder
+from tests.fuzz.python._dataplane import CountingSink, initiator, responder
 from tests.fuzz.python.h_stream import MemoryTransport
-from vna_agent.dataplane.stream import MAX_PENDING_ACCEPTS, StreamServer, _Conn
-from vna_agent.dataplane.wire import STREAM_LEN
+from vna_agent.dataplane.stream import MAX_PENDING_ACCEPTS, PENDING_BUFFER, StreamServer, _Conn
+from vna_agent.dataplane.wire import MAX_MESSAGE, STREAM_LEN
 
 
 def _server() -> tuple[StreamServer, CountingSink]:
@@ -72,3 +72,24 @@ async def test_refusals_are_logged_once_a_second() -> None:
     assert sink.stats.handshakes_refused == 100
     refused = [e for e in logs if e["event"] == "stream_handshake_refused"]
     assert 1 <= len(refused) <= 2 and refused[0]["suppressed"] == 0
+
+
+async def test_unauthenticated_connections_hold_a_small_buffer_and_no_timer() -> None:
+    """A junk connection cost a 1 MiB ring, kept alive 5 s by its handshake timer (100 MiB at 20 junk conns/s)."""
+    server, sink = _server()
+    conn, transport = _connect(server)
+    assert len(conn.get_buffer(-1)) <= PENDING_BUFFER and conn.expiry is not None
+    _feed(conn, STREAM_LEN.pack(PENDING_BUFFER) + b"x")  # longer than any handshake: junk
+    assert transport.closing and sink.stats.drops == {"decode": 1}
+    conn.connection_lost(None)
+    assert conn.expiry is None and conn not in server._pending
+
+
+async def test_authenticated_connection_gets_the_full_ring() -> None:
+    tx = initiator()
+    server, _ = _server()
+    conn, transport = _connect(server)
+    init = tx.begin_handshake()
+    _feed(conn, STREAM_LEN.pack(len(init)) + init)
+    assert server.conn is conn and not transport.closing and transport.written > 0
+    assert len(conn.get_buffer(-1)) >= MAX_MESSAGE + STREAM_LEN.size
