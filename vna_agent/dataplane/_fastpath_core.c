@@ -69,7 +69,8 @@ void fp_core_init(FpCore *c, int stream, int vnet, const FpIO *io, void *ctx) {
     c->io = io;
     c->ctx = ctx;
     c->tx = -1;
-    c->hs_pass.tokens = HS_BURST_OTHER;
+    c->hs_pass[0].tokens = HS_BURST_OTHER;
+    c->hs_pass[1].tokens = HS_BURST_PEER;
     c->hs_check.tokens = HS_CHECK_BURST;
 }
 
@@ -463,7 +464,9 @@ int fp_handshake_gate(FpCore *c, const unsigned char *d, size_t n, int from_peer
     if (c->hs_queued[resp][from_peer] >= (unsigned)(from_peer ? HS_QUOTA_PEER : HS_QUOTA_OTHER)) return refuse(c);
     if (!from_peer && !take_token(&c->hs_check, HS_CHECK_RATE, HS_CHECK_BURST, now)) return refuse(c);
     if (c->has_mac1 && !mac1_ok(c, d, n)) return refuse(c);
-    if (!from_peer && !take_token(&c->hs_pass, HS_RATE_OTHER, HS_BURST_OTHER, now)) return refuse(c);
+    if (!(from_peer ? take_token(&c->hs_pass[1], HS_RATE_PEER, HS_BURST_PEER, now)
+                    : take_token(&c->hs_pass[0], HS_RATE_OTHER, HS_BURST_OTHER, now)))
+        return refuse(c);
     c->hs_queued[resp][from_peer]++;
     return 1;
 }

@@ -42,13 +42,16 @@
 #define RESPONSE_LEN 76
 #define MAC1_LEN 16
 /* Handshakes queued for Python between two take() calls, per type and origin (the link's peer or
- * anyone else), and token buckets (per second, burst) for the ones from anyone else: one for the
- * messages that reach Python (a flood costs it a bounded number of X25519 attempts per second
- * whatever its rate), one for the mac1 checks (a flood costs this thread a bounded number of BLAKE2s
- * per second; past it, messages from elsewhere are refused unchecked, which is where WireGuard would
- * answer with a cookie). Messages from the peer's address are always checked. */
+ * anyone else), and token buckets (per second, burst): per origin for the messages that reach
+ * Python (a flood costs it a bounded number of X25519 attempts per second whatever its rate; a
+ * genuine peer sends a few per rekey), and for the mac1 checks of messages from elsewhere (a flood
+ * costs this thread a bounded number of BLAKE2s per second; past it, such messages are refused
+ * unchecked, which is where WireGuard would answer with a cookie). Messages from the peer's address
+ * are always checked. */
 #define HS_QUOTA_PEER 8
 #define HS_QUOTA_OTHER 8
+#define HS_RATE_PEER 100.0
+#define HS_BURST_PEER 32.0
 #define HS_RATE_OTHER 50.0
 #define HS_BURST_OTHER 16.0
 #define HS_CHECK_RATE 65536.0
@@ -112,7 +115,8 @@ typedef struct {
     int has_mac1;
     uint32_t mac1_state[8]; /* BLAKE2s chaining value once the mac1 key block is absorbed */
     unsigned hs_queued[2][2]; /* [response?][from the peer?] since the last fp_handshakes_taken */
-    FpBucket hs_pass, hs_check; /* handshakes from elsewhere: passed to Python, mac1-checked */
+    FpBucket hs_pass[2]; /* handshakes passed to Python: [from the peer?] */
+    FpBucket hs_check;   /* handshakes from elsewhere mac1-checked */
     /* receive counters (the pump keeps the send ones) */
     unsigned long long records_in, bytes_in, frames_in, keepalives_in, drops[D_COUNT];
     double last_rx;
