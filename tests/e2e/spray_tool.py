@@ -121,13 +121,15 @@ class Sprayer:
 
     def _send_udp(self, to: tuple[str, int]) -> None:
         mutate = self.rng.choice(UDP_MUTATORS)
+        payload = mutate(self.rng, self.args.receiver_index)
         try:
-            self.udp.sendto(mutate(self.rng, self.args.receiver_index), to)
+            self.udp.sendto(payload, to)
         except OSError:
             self.sent["udp_failed"] += 1
             return
         self.sent["udp"] += 1
         self.sent[f"udp_{mutate.__name__.lstrip('_')}"] += 1
+        self.sent["udp_empty"] += not payload
 
     def _open_tcp(self) -> None:
         if self.open >= MAX_OPEN:
