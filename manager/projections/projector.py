@@ -11,8 +11,9 @@ Speed: a batch folds each event once (the manager's ``apply_event``, on states
 kept in JSON form) but writes each root's rows once, one statement per table
 (:mod:`manager.projections.sql`: plain driver SQL, no per-row ORM work),
 upserting one-row tables and leaving alone the tables whose rows did not
-change. The folded roots stay cached between batches, as JSON text and row
-tuples (which the garbage collector does not track), while the stored position
+change. The folded roots stay cached between batches, as JSON states (whose
+records are the fold's memo's own dicts, so a cached application costs a few
+objects of its own) and row tuples (which the garbage collector does not track), while the stored position
 is the one this projector committed last (any other position, set by another
 projector or a rebuild, drops the cache), and the position itself is then moved
 by a single compare-and-set. The cyclic garbage collector is paused while a
@@ -82,7 +83,7 @@ _CONFLICT_RETRIES = 3
 DEFAULT_CACHE_SIZE = 10_000
 #: Events per transaction when replaying the stream: a root touched several times in one
 #: batch has its rows written once, so replays go faster with batches of a few thousand.
-REPLAY_BATCH = 5_000
+REPLAY_BATCH = 20_000
 
 
 @dataclass(frozen=True)
@@ -156,23 +157,24 @@ class _Root:
     id: str
     state: JsonState
     version: int
-    text: str | None
-    """``state`` as JSON text (as stored; set anew when it changes)."""
+    text: str | None = None
+    """``state`` as JSON text (set when its rows are written)."""
     changed: bool = False
     updated_at: dt.datetime | None = None
     written: Written | None = None
     """Its relational rows as this projector last wrote them (None: unknown, rewrite them all)."""
 
 
-_Cached = tuple[int, str | None, Written | None]
-"""A root's version, folded state (JSON text) and the rows this projector wrote for it, as committed.
+_Cached = tuple[int, JsonState, Written | None]
+"""A root's version, folded state (JSON form) and the rows this projector wrote for it, as committed.
 
 Valid while the stored position is the one the cache was committed at: only a
 projector moves the position, and the fold is deterministic, so the database then
-holds exactly these states and rows. The batch skips reading the stored JSON, and
-leaves alone the tables whose rows did not change. Plain tuples of strings and
-numbers only: the garbage collector untracks them, so a large cache costs no
-collection time.
+holds exactly these states and rows. The batch skips reading and parsing the stored
+JSON, and leaves alone the tables whose rows did not change. States are never changed
+in place (a fold makes new dicts), so a cached one is shared safely; their records
+are the fold memo's dicts, which the next fold recognises without re-encoding them.
+The row tuples hold strings and numbers only: the garbage collector untracks them.
 """
 
 
@@ -590,7 +592,7 @@ class Projector:
         cache = self._cache
         for r in roots:
             key = (r.aggregate.value, r.id)
-            cache[key] = (r.version, r.text, r.written)
+            cache[key] = (r.version, r.state, r.written)
             cache.move_to_end(key)
         while len(cache) > self.cache_size:
             cache.popitem(last=False)
@@ -623,7 +625,8 @@ class Projector:
                 errors += [self._error_row(ev, exc.message) for evs in by_id.values() for ev in evs]
                 continue
             missing: list[str] = []
-            found: dict[str, tuple[int, str | None, Written | None]] = {}
+            bad: set[str] = set()
+            found: dict[str, _Cached] = {}
             for agg_id in by_id:
                 hit = cache.get((agg_type, agg_id))
                 if hit is None:
@@ -632,17 +635,19 @@ class Projector:
                     found[agg_id] = hit
             for i in range(0, len(missing), _CHUNK):
                 for agg_id, version, text in await sql.load(agg_type, missing[i : i + _CHUNK]):
-                    found[agg_id] = (version, text, None)
+                    try:
+                        found[agg_id] = (version, None if text is None else loads_json(text), None)
+                    except ValueError:
+                        errors += [
+                            self._error_row(ev, "stored state is not JSON; rebuild the projection")
+                            for ev in by_id[agg_id]
+                        ]
+                        bad.add(agg_id)
             for agg_id in by_id:
-                version, text, written = found.get(agg_id, (0, None, None))
-                try:
-                    state = None if text is None else loads_json(text)
-                except ValueError:
-                    errors += [
-                        self._error_row(ev, "stored state is not JSON; rebuild the projection") for ev in by_id[agg_id]
-                    ]
+                if agg_id in bad:
                     continue
-                roots[(agg_type, agg_id)] = _Root(agg, agg_id, state, version, text, written=written)
+                version, state, written = found.get(agg_id, (0, None, None))
+                roots[(agg_type, agg_id)] = _Root(agg, agg_id, state, version, written=written)
         return roots
 
     async def _write_roots(self, sql: Sql, roots: list[_Root]) -> None:
