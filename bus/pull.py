@@ -109,8 +109,11 @@ class PullFlow:
         """Messages requested and not yet delivered."""
         return sum(self._credits.values())
 
-    async def next_batch(self, most: int, timeout: float) -> list[Msg]:
+    async def next_batch(self, most: int, timeout: float, *, linger: float = 0.0) -> list[Msg]:
         """Up to ``most`` messages, as soon as there is one; ``[]`` if none came within ``timeout``.
+
+        ``linger``: once there is one, wait this long for more when fewer than ``most`` are
+        there (a reader whose work costs per batch trades a few ms of latency for fewer batches).
 
         Raises:
             ConsumerGone: the server ended the pull: the consumer was deleted or its limits changed.
@@ -125,6 +128,8 @@ class PullFlow:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(left, self.heartbeat))
+        if linger > 0 and 0 < len(self._buffer) < most:
+            await asyncio.sleep(linger)
         batch = [self._buffer.popleft() for _ in range(min(most, len(self._buffer)))]
         await self._top_up()
         return batch
